@@ -1,0 +1,1 @@
+"""Shared machinery of the stages: config, fingerprints, store, models, generation, I/O."""

@@ -1,0 +1,75 @@
+"""Typed stage configs and the split between semantic and runtime-only fields.
+
+Every stage declares `class Config(StageConfig)`. Fields that change *how* a stage runs but
+not *what* it produces (inference batch size, device, concurrency, progress bars) are marked
+with `runtime_field`; they are left out of the fingerprint. Fields that name a model from the
+pipeline's `models:` table are marked with `model_field`; the fingerprint replaces the name
+with the model's identity, so renaming a model entry does not invalidate the cache while
+swapping its weights does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_RUNTIME = "polyalign_runtime"
+_MODEL_REF = "polyalign_model_ref"
+
+
+def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
+    """A field that does not change a stage's outputs (excluded from fingerprints)."""
+    return Field(default, description=description, json_schema_extra={_RUNTIME: True}, **kwargs)
+
+
+def model_field(description: str, default: Any = ..., **kwargs: Any) -> Any:
+    """A field holding the name of an entry in the pipeline's `models:` table."""
+    return Field(default, description=description, json_schema_extra={_MODEL_REF: True}, **kwargs)
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: strict keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def model_refs(self) -> dict[str, str]:
+        """Map of dotted field path -> model name for every model reference in this config."""
+        refs: dict[str, str] = {}
+        _walk_refs(self, "", refs)
+        return refs
+
+    def semantic_dict(self) -> dict[str, Any]:
+        """The config as plain data, runtime-only fields removed (what the fingerprint sees)."""
+        return _semantic(self)
+
+
+def _extra(model: BaseModel, name: str) -> dict[str, Any]:
+    extra = type(model).model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def _walk_refs(model: BaseModel, prefix: str, out: dict[str, str]) -> None:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        path = f"{prefix}{name}"
+        if _extra(model, name).get(_MODEL_REF):
+            if value is not None:
+                out[path] = value
+        elif isinstance(value, BaseModel):
+            _walk_refs(value, path + ".", out)
+
+
+def _semantic(model: BaseModel) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        if _extra(model, name).get(_RUNTIME):
+            continue
+        value = getattr(model, name)
+        data[name] = _semantic(value) if isinstance(value, BaseModel) else value
+    return data
+
+
+def is_runtime_field(model_cls: type[BaseModel], name: str) -> bool:
+    extra = model_cls.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get(_RUNTIME))

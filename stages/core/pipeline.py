@@ -1,0 +1,277 @@
+"""A pipeline config: models, stage configs, the edges between stages, and its plan.
+
+```yaml
+name: tiny
+store: .polyalign/store          # overridden by --store or $POLYALIGN_STORE
+languages: [fr, de]              # default for every stage config with a `languages` field
+models:
+  teacher: {tiny: {seed: 1}}
+stages:
+  self_instruct: {teacher: teacher}
+  translate: {inputs: {data: self_instruct}, model: teacher}
+```
+A stage entry's key is its name; its type is the key too unless `stage:` says otherwise, so a
+pipeline may hold two stages of one type. `inputs:` maps the stage's input names to upstream
+stage names. Everything else is the stage's typed config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from polyalign.stages import REGISTRY, load_stage
+from polyalign.stages.core.config import StageConfig
+from polyalign.stages.core.errors import ConfigError
+from polyalign.stages.core.fingerprint import UnhashableError, stage_fingerprint
+from polyalign.stages.core.models import ModelSpec, check_available, identity, models_dir
+from polyalign.stages.core.store import STORE_ENV, Store
+
+
+class PipelineHeader(BaseModel):
+    """Top-level keys of a pipeline YAML (the `stages:` table is validated per stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., description="Name of the pipeline (shown in Prefect and reports).")
+    description: str = Field("", description="Free text.")
+    store: str = Field(".polyalign/store", description="Artifact store root (a local folder).")
+    models_dir: str | None = Field(
+        None, description="Where prepared/tiny models live (default $POLYALIGN_MODELS or ~/.cache)."
+    )
+    languages: list[str] = Field(default_factory=list, description="Default target languages.")
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="Named models.")
+    stages: dict[str, dict[str, Any]] = Field(..., description="Stage name -> stage entry.")
+
+
+@dataclass
+class StageNode:
+    name: str
+    type: str
+    config: StageConfig
+    inputs: dict[str, str]  # input name -> upstream stage name
+    module: Any = field(repr=False)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    type: str
+    fingerprint: str
+    state: str
+    size: int
+    inputs: dict[str, str]
+
+
+def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
+    parts = [prefix] if prefix else []
+    for item in loc:
+        parts.append(f"[{item}]" if isinstance(item, int) else str(item))
+    return ".".join(parts).replace(".[", "[")
+
+
+def validation_message(prefix: str, exc: ValidationError, known: list[str] | None = None) -> str:
+    """One line naming the first offending field of a pydantic error."""
+    err = exc.errors()[0]
+    where = _format_loc(prefix, err["loc"])
+    if err["type"] == "extra_forbidden":
+        bad = str(err["loc"][-1])
+        msg = f"{where}: unknown key {bad!r}"
+        if known:
+            close = difflib.get_close_matches(bad, known, n=1)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+        return msg
+    if err["type"] == "missing":
+        return f"{where}: required field is missing"
+    value = err.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    return f"{where}: {err['msg']}{shown}"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        nxt = node.get(key)
+        if nxt is None:
+            nxt = node[key] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a mapping")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `key.path=value` overrides; a leading stage name means `stages.<name>`."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value_text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(value_text) if value_text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {value_text!r} ({exc})") from exc
+        head = key.split(".", 1)[0]
+        if head in (raw.get("stages") or {}) and head not in PipelineHeader.model_fields:
+            key = "stages." + key
+        _set_dotted(raw, key, value)
+
+
+class Pipeline:
+    """A validated pipeline: its stages in order, their configs, models and store."""
+
+    def __init__(self, header: PipelineHeader, nodes: dict[str, StageNode], source: str, store_root: str):
+        self.header = header
+        self.nodes = nodes
+        self.source = source
+        self.store = Store(store_root)
+        self.models_root = models_dir(header.models_dir)
+        self._fps: dict[str, str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.header.name
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.nodes)
+
+    def until(self, stage: str | None) -> list[str]:
+        """Stage names up to and including `stage` (all stages when None)."""
+        if stage is None:
+            return self.order
+        if stage not in self.nodes:
+            raise ConfigError(f"--until: unknown stage {stage!r} (stages: {', '.join(self.nodes)})")
+        return self.order[: self.order.index(stage) + 1]
+
+    def model_identities(self, node: StageNode) -> dict[str, str]:
+        return {
+            path: identity(self.header.models[name], self.models_root)
+            for path, name in node.config.model_refs().items()
+        }
+
+    def fingerprints(self) -> dict[str, str]:
+        if self._fps is None:
+            fps: dict[str, str] = {}
+            for name, node in self.nodes.items():
+                try:
+                    fps[name] = stage_fingerprint(
+                        stage_type=node.type,
+                        version=node.module.VERSION,
+                        semantic_config=node.config.semantic_dict(),
+                        inputs={k: fps[v] for k, v in node.inputs.items()},
+                        models=self.model_identities(node),
+                    )
+                except UnhashableError as exc:
+                    raise ConfigError(f"stages.{name}: {exc}") from exc
+            self._fps = fps
+        return self._fps
+
+    def plan(self, stages: list[str] | None = None) -> list[StagePlan]:
+        fps = self.fingerprints()
+        out = []
+        for name in stages or self.order:
+            node = self.nodes[name]
+            fp = fps[name]
+            out.append(
+                StagePlan(
+                    name=name,
+                    type=node.type,
+                    fingerprint=fp,
+                    state=self.store.state(name, fp),
+                    size=self.store.size(name, fp),
+                    inputs=dict(node.inputs),
+                )
+            )
+        return out
+
+    def upstream(self, stage: str) -> list[str]:
+        """All ancestors of `stage`, in pipeline order."""
+        need: set[str] = set()
+        todo = list(self.nodes[stage].inputs.values())
+        while todo:
+            s = todo.pop()
+            if s not in need:
+                need.add(s)
+                todo.extend(self.nodes[s].inputs.values())
+        return [s for s in self.order if s in need]
+
+
+def load_pipeline(
+    path: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    check_models: bool = True,
+) -> Pipeline:
+    """Read, override and validate a pipeline YAML. Raises ConfigError with one-line messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(raw, overrides or [])
+    try:
+        header = PipelineHeader.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(validation_message("", exc, list(PipelineHeader.model_fields))) from exc
+
+    nodes: dict[str, StageNode] = {}
+    for name, entry in header.stages.items():
+        where = f"stages.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping of config keys")
+        entry = dict(entry)
+        stage_type = entry.pop("stage", name)
+        if stage_type not in REGISTRY:
+            close = difflib.get_close_matches(str(stage_type), list(REGISTRY), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(REGISTRY)})"
+            raise ConfigError(f"{where}: unknown stage type {stage_type!r}{hint}")
+        module = load_stage(stage_type)
+        inputs = entry.pop("inputs", None) or {}
+        if not isinstance(inputs, dict):
+            raise ConfigError(f"{where}.inputs: expected a mapping of input name -> stage name")
+        declared = dict(module.INPUTS) | dict(getattr(module, "OPTIONAL_INPUTS", {}))
+        for input_name, upstream in inputs.items():
+            if input_name not in declared:
+                raise ConfigError(
+                    f"{where}.inputs.{input_name}: {stage_type} has no input {input_name!r} "
+                    f"(inputs: {', '.join(declared)})"
+                )
+            if upstream not in nodes:
+                reason = "is defined later" if upstream in header.stages else "is not a stage"
+                raise ConfigError(f"{where}.inputs.{input_name}: {upstream!r} {reason}")
+        for required in module.INPUTS:
+            if required not in inputs:
+                raise ConfigError(f"{where}.inputs: missing required input {required!r}")
+        if "languages" in module.Config.model_fields and "languages" not in entry and header.languages:
+            entry["languages"] = list(header.languages)
+        try:
+            cfg = module.Config.model_validate(entry)
+        except ValidationError as exc:
+            raise ConfigError(validation_message(where, exc, list(module.Config.model_fields))) from exc
+        for field_path, model_name in cfg.model_refs().items():
+            if model_name not in header.models:
+                defined = ", ".join(header.models) or "none"
+                raise ConfigError(f"{where}.{field_path}: unknown model {model_name!r} (defined: {defined})")
+        nodes[name] = StageNode(name=name, type=stage_type, config=cfg, inputs=inputs, module=module)
+
+    root = models_dir(header.models_dir)
+    if check_models:
+        used = {m for node in nodes.values() for m in node.config.model_refs().values()}
+        for model_name in used:
+            check_available(model_name, header.models[model_name], root)
+    store_root = store or os.environ.get(STORE_ENV) or header.store
+    return Pipeline(header, nodes, str(path), store_root)

@@ -1,0 +1,188 @@
+"""Run one stage of a pipeline against the store: cache check, inputs, metrics, commit.
+
+Used identically by the CLI (`polyalign stage`, `polyalign run` without Prefect) and by the
+Prefect tasks in `flows/`. Fan-out stages (per-language work) expose `units(cfg)`,
+`run_unit(cfg, inputs, out, unit)` and `finish(cfg, inputs, out)`; the flow runs the units as
+concurrent tasks, and `run_stage` runs them one after another.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from polyalign import __version__
+from polyalign.stages.core.errors import MissingInputError
+from polyalign.stages.core.models import ensure_model
+from polyalign.stages.core.pipeline import Pipeline
+from polyalign.stages.core.store import Artifact, ArtifactWriter
+
+
+class Inputs:
+    """What a stage receives: upstream artifacts by input name, and model resolution."""
+
+    def __init__(self, pipeline: Pipeline, stage: str):
+        self.pipeline = pipeline
+        self.stage = stage
+        node = pipeline.nodes[stage]
+        fps = pipeline.fingerprints()
+        self.artifacts: dict[str, Artifact] = {}
+        for input_name, upstream in node.inputs.items():
+            state = pipeline.store.state(upstream, fps[upstream])
+            if state != "cached":
+                raise MissingInputError(
+                    f"stage {stage!r} needs input {input_name!r} from stage {upstream!r}, which is "
+                    f"{state} in the store ({pipeline.store.root}); run `polyalign run "
+                    f"{pipeline.source} --until {upstream}` first"
+                )
+            self.artifacts[input_name] = pipeline.store.open(upstream, fps[upstream])
+
+    def __getitem__(self, name: str) -> Artifact:
+        return self.artifacts[name]
+
+    def get(self, name: str) -> Artifact | None:
+        return self.artifacts.get(name)
+
+    def model(self, name: str) -> str:
+        """A loadable path (or hub id) for a model of the pipeline's `models:` table."""
+        return ensure_model(self.pipeline.header.models[name], self.pipeline.models_root)
+
+    def model_dtype(self, name: str) -> str:
+        return self.pipeline.header.models[name].dtype
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; `.peak` in bytes."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakRSS":
+        import psutil
+
+        proc = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, proc.memory_info().rss)
+                self._stop.wait(self.interval)
+
+        self.peak = proc.memory_info().rss
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
+def _prepare(pipeline: Pipeline, stage: str) -> tuple[Any, Inputs, ArtifactWriter]:
+    node = pipeline.nodes[stage]
+    inputs = Inputs(pipeline, stage)
+    writer = pipeline.store.writer(stage, pipeline.fingerprints()[stage])
+    writer.models = pipeline.model_identities(node)
+    return node, inputs, writer
+
+
+def cached(pipeline: Pipeline, stage: str) -> Artifact | None:
+    fp = pipeline.fingerprints()[stage]
+    if pipeline.store.state(stage, fp) == "cached":
+        return pipeline.store.open(stage, fp)
+    return None
+
+
+def units(pipeline: Pipeline, stage: str) -> list[str] | None:
+    """The fan-out units of a stage (e.g. languages), or None for a single-task stage."""
+    node = pipeline.nodes[stage]
+    fn = getattr(node.module, "units", None)
+    return list(fn(node.config)) if fn else None
+
+
+def _cuda_peak(writer: ArtifactWriter) -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            writer.metrics["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+    except ImportError:
+        pass
+
+
+def run_unit(pipeline: Pipeline, stage: str, unit: str) -> None:
+    """Run one fan-out unit of a stage into its partial folder (resumable, idempotent)."""
+    node, inputs, writer = _prepare(pipeline, stage)
+    start = time.perf_counter()
+    with PeakRSS() as mem:
+        node.module.run_unit(node.config, inputs, writer, unit)
+    writer.write_json(
+        f"_units/{unit}.json",
+        {**writer.metrics, "wall_seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": mem.peak},
+    )
+
+
+def finish(pipeline: Pipeline, stage: str) -> Artifact:
+    """Complete a stage whose units are done (or run a single-task stage) and commit it."""
+    hit = cached(pipeline, stage)
+    if hit is not None:
+        return hit
+    node, inputs, writer = _prepare(pipeline, stage)
+    start = time.perf_counter()
+    unit_dir = writer.dir / "_units"
+    with PeakRSS() as mem:
+        if units(pipeline, stage) is not None:
+            for unit in units(pipeline, stage):
+                if not (unit_dir / f"{unit}.json").exists():
+                    node.module.run_unit(node.config, inputs, writer, unit)
+            node.module.finish(node.config, inputs, writer)
+        else:
+            node.module.run(node.config, inputs, writer)
+    wall = time.perf_counter() - start
+    unit_stats = []
+    if unit_dir.exists():
+        import json
+
+        unit_stats = [json.loads(p.read_text()) for p in sorted(unit_dir.glob("*.json"))]
+    m = writer.metrics
+    m["wall_seconds"] = round(wall + sum(u.get("wall_seconds", 0) for u in unit_stats), 3)
+    m["peak_rss_bytes"] = max([mem.peak] + [u.get("peak_rss_bytes", 0) for u in unit_stats])
+    m["tokens"] = int(m.get("tokens", 0)) + sum(int(u.get("tokens", 0)) for u in unit_stats)
+    _cuda_peak(writer)
+    if writer.card is not None:
+        writer.write_text("README.md", writer.card)
+    writer.write_json("metrics.json", m)
+    manifest = {
+        "stage": stage,
+        "stage_type": node.type,
+        "version": node.module.VERSION,
+        "config": node.config.model_dump(mode="json"),
+        "inputs": {k: pipeline.fingerprints()[v] for k, v in node.inputs.items()},
+        "models": pipeline.model_identities(node),
+        "summary": writer.summary,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "polyalign_version": __version__,
+        "host": platform.node(),
+        "pid": os.getpid(),
+    }
+    return writer.commit(manifest)
+
+
+def run_stage(pipeline: Pipeline, stage: str) -> tuple[Artifact, bool]:
+    """Run a stage unless cached. Returns (artifact, was_cached)."""
+    hit = cached(pipeline, stage)
+    if hit is not None:
+        return hit, True
+    return finish(pipeline, stage), False
+
+
+def store_path(pipeline: Pipeline, stage: str) -> Path:
+    return pipeline.store.final_dir(stage, pipeline.fingerprints()[stage])

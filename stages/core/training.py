@@ -1,0 +1,128 @@
+"""Pieces every training stage shares: PEFT settings, Trainer arguments, checkpoint resume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PeftSettings(BaseModel):
+    """Parameter-efficient fine-tuning settings (LoRA and DoRA through peft)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["lora", "dora"] = Field("lora", description="lora, or dora (weight-decomposed LoRA).")
+    r: int = Field(16, gt=0, description="Rank of the adapter matrices.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters ('all-linear' or a list of names)."
+    )
+
+
+class TrainSettings(BaseModel):
+    """Optimisation settings shared by SFT, reward modelling and DPO."""
+
+    model_config = ConfigDict(extra="forbid")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 means num_epochs decides.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
+    batch_size: int = Field(4, gt=0, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_length: int = Field(512, gt=0, description="Truncate sequences to this many tokens.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
+    seed: int = Field(42, description="Seed of data order and adapter init.")
+
+
+def peft_config(p: PeftSettings, task_type: str) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=p.target_modules,
+        use_dora=p.method == "dora",
+        task_type=task_type,
+    )
+
+
+def trainer_kwargs(t: TrainSettings, output_dir: Path, save_steps: int, logging_steps: int) -> dict[str, Any]:
+    """Keyword arguments common to every TRL config class we use."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=t.learning_rate,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        seed=t.seed,
+        data_seed=t.seed,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        save_only_model=False,
+        logging_steps=logging_steps,
+        report_to=[],
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest complete Trainer checkpoint in `output_dir`, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not output_dir.is_dir():
+        return None
+    return get_last_checkpoint(str(output_dir))
+
+
+def train_resumable(trainer: Any, output_dir: Path) -> dict[str, Any]:
+    """Train, resuming from the last checkpoint in `output_dir`; returns training metrics."""
+    ckpt = last_checkpoint(output_dir)
+    resumed_step = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
+    if ckpt:
+        print(f"[train] resuming from {ckpt}")
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    state = trainer.state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    return {
+        "global_step": state.global_step,
+        "resumed_from_step": resumed_step,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "tokens": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+        "log_history": state.log_history,
+    }
+
+
+def drop_checkpoints(output_dir: Path) -> None:
+    shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def user_message(record: dict[str, Any]) -> str:
+    """The prompt text of an instruction record (instruction, then input if any)."""
+    text = record["instruction"].strip()
+    if record.get("input", "").strip():
+        text += "\n\n" + record["input"].strip()
+    return text

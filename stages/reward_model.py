@@ -1,0 +1,88 @@
+"""Reward model: TRL's RewardTrainer (Bradley-Terry loss) with LoRA on the preference pairs.
+
+The reward model starts from the SFT model (base + SFT adapter merged) with a new scalar
+head. Pairs are split deterministically by id into train and held-out; the held-out pairwise
+accuracy (reward of chosen > reward of rejected) is the stage's headline metric.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+from polyalign.stages.core.training import PeftSettings, TrainSettings
+
+VERSION = "1"
+INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
+DATASET = False
+
+
+class Config(StageConfig):
+    model: str = model_field("Base model (name in `models:`) the SFT adapter belongs to.")
+    eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for accuracy.")
+    lora: PeftSettings = Field(default_factory=PeftSettings, description="Adapter settings.")
+    train: TrainSettings = Field(
+        default_factory=lambda: TrainSettings(learning_rate=5e-5), description="Optimisation settings."
+    )
+    save_steps: int = runtime_field(50, "Write a resumable checkpoint every this many steps.", gt=0)
+    logging_steps: int = runtime_field(10, "Log the loss every this many steps.", gt=0)
+    batch_size: int = runtime_field(8, "Pairs per batch when scoring held-out pairs.", gt=0)
+
+
+def _conversation(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def score(model, tok, conversations: list[list[dict[str, str]]], batch_size: int) -> list[float]:  # noqa: ANN001
+    """Scalar rewards of whole conversations."""
+    import torch
+
+    texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
+    rewards: list[float] = []
+    tok.padding_side = "right"
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            rewards.extend(model(**enc).logits[:, 0].float().tolist())
+    return rewards
+
+
+def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from polyalign.stages.core.io import stable_unit
+    from polyalign.stages.core.models import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.training import drop_checkpoints, peft_config, train_resumable, trainer_kwargs
+
+    pairs = sorted(inputs["pairs"].records("data/*/*.jsonl"), key=lambda r: r["id"])
+    held = [p for p in pairs if stable_unit(p["id"]) < cfg.eval_fraction]
+    train = [p for p in pairs if stable_unit(p["id"]) >= cfg.eval_fraction]
+    if not train:
+        raise RuntimeError(f"reward_model: no training pairs ({len(pairs)} pairs, eval_fraction {cfg.eval_fraction})")
+    data = Dataset.from_list(
+        [{"chosen": _conversation(p["prompt"], p["chosen"]), "rejected": _conversation(p["prompt"], p["rejected"])} for p in train]
+    )
+    path = inputs.model(cfg.model)
+    tok = load_tokenizer(path, padding_side="right")
+    model = load_causal_lm(path, [str(inputs["policy"].file("model"))], inputs.model_dtype(cfg.model), num_labels=1)
+    ckpt_dir = out.path("checkpoints")
+    args = RewardConfig(**trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps), max_length=cfg.train.max_length)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config(cfg.lora, "SEQ_CLS"))
+    stats = train_resumable(trainer, ckpt_dir)
+    trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
+    tok.save_pretrained(str(out.path("model")))
+    drop_checkpoints(ckpt_dir)
+
+    accuracy = None
+    if held:
+        trainer.model.eval()
+        conv = [_conversation(p["prompt"], p["chosen"]) for p in held] + [_conversation(p["prompt"], p["rejected"]) for p in held]
+        rewards = score(trainer.model, tok, conv, cfg.batch_size)
+        chosen, rejected = rewards[: len(held)], rewards[len(held) :]
+        accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(held)
+        out.write_jsonl("heldout_scores.jsonl", [{"id": p["id"], "lang": p["lang"], "reward_chosen": c, "reward_rejected": r} for p, c, r in zip(held, chosen, rejected)])
+    out.write_json("train_log.json", stats.pop("log_history"))
+    out.metrics.update(stats, train_pairs=len(train), heldout_pairs=len(held), heldout_accuracy=accuracy)
+    acc_text = f"{accuracy:.3f} on {len(held)} held-out pairs" if accuracy is not None else "not measured (no held-out pairs)"
+    out.summary = f"Reward model trained on {len(train)} pairs for {stats['global_step']} steps; pairwise accuracy {acc_text}."

@@ -1,0 +1,288 @@
+"""Self-Instruct: a teacher LLM writes new English tasks from seed tasks (Wang et al., 2022).
+
+Work proceeds in rounds. Each round builds `round_size` prompts, each showing
+`prompt_seed_tasks` seed instructions and `prompt_machine_tasks` earlier machine instructions,
+and asks the teacher for one more; candidates pass the length, keyword and ROUGE-L novelty
+filters (ROUGE-L against every kept instruction, dropped above `max_rouge_l`, 0.7 as in the
+paper); the teacher then writes an instance (input and output) for each survivor. A round is
+written as one shard, so a killed run resumes at the next round with an identical pool.
+Every dropped candidate is kept in `quarantine/` with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+
+VERSION = "1"
+INPUTS: dict[str, str] = {}
+DATASET = True
+
+# Self-Instruct's filter list: tasks a text-only model cannot do.
+DEFAULT_BLOCKLIST = [
+    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+]
+
+
+class Config(StageConfig):
+    teacher: str = model_field("Model (name in `models:`) that writes instructions and instances.")
+    seed_tasks: str = Field(
+        "builtin", description="Seed tasks JSONL in Self-Instruct format, or 'builtin' (shipped)."
+    )
+    num_instructions: int = Field(100, gt=0, description="Stop once this many instructions are kept.")
+    max_rounds: int = Field(50, gt=0, description="Give up after this many rounds even if short.")
+    round_size: int = Field(16, gt=0, description="Candidate instructions proposed per round.")
+    prompt_seed_tasks: int = Field(6, ge=1, description="Seed instructions shown in each prompt.")
+    prompt_machine_tasks: int = Field(2, ge=0, description="Earlier machine instructions per prompt.")
+    instance_shots: int = Field(3, ge=0, description="Seed examples shown when writing an instance.")
+    instance_format: Literal["input_output", "output_only"] = Field(
+        "input_output",
+        description="input_output: the teacher writes an optional input, then the output; "
+        "output_only: tasks without input, the teacher writes only the output.",
+    )
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature for instructions.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling for instructions.")
+    max_instruction_tokens: int = Field(48, gt=0, description="Token budget of one instruction.")
+    max_instance_tokens: int = Field(160, gt=0, description="Token budget of one instance.")
+    min_words: int = Field(3, ge=1, description="Drop instructions shorter than this (words).")
+    max_words: int = Field(150, ge=1, description="Drop instructions longer than this (words).")
+    max_rouge_l: float = Field(0.7, gt=0, le=1, description="Drop when ROUGE-L to a kept one exceeds this.")
+    blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKLIST), description="Keywords that drop an instruction.")
+    heldout_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Share of records marked split=heldout (preference prompts)."
+    )
+    seed: int = Field(0, description="Random seed of demonstration sampling and generation.")
+    batch_size: int = runtime_field(8, "Prompts per generation batch.", gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must not exceed max_words")
+        return self
+
+
+def load_seed_tasks(spec: str) -> list[dict]:
+    from polyalign.stages.core.io import builtin, read_jsonl_checked
+
+    path = builtin("seed_tasks.jsonl") if spec == "builtin" else spec
+    rows = read_jsonl_checked(path, {"instruction": str, "instances": list})
+    for i, row in enumerate(rows, 1):
+        if not row["instruction"].strip():
+            from polyalign.stages.core.errors import UserError
+
+            raise UserError(f"{path}: record {i}: field 'instruction' is empty")
+        row.setdefault("id", f"seed_{i}")
+    return rows
+
+
+def _instruction_prompt(seed_demos: list[str], machine_demos: list[str]) -> str:
+    demos = seed_demos + machine_demos
+    lines = ["Come up with a series of diverse tasks for a helpful assistant:"]
+    lines += [f"Task {i}: {text}" for i, text in enumerate(demos, 1)]
+    lines.append(f"Task {len(demos) + 1}:")
+    return "\n".join(lines)
+
+
+def _instance_prompt(shots: list[dict], instruction: str, fmt: str) -> str:
+    parts = []
+    for task in shots:
+        inst = task["instances"][0] if task["instances"] else {"input": "", "output": ""}
+        block = f"Instruction: {task['instruction']}\n"
+        if fmt == "input_output":
+            block += f"Input: {inst.get('input') or '<noinput>'}\n"
+        parts.append(block + f"Output: {inst.get('output', '')}")
+    head = f"Instruction: {instruction}\n" + ("Input:" if fmt == "input_output" else "Output:")
+    return "\n\n".join(parts + [head])
+
+
+def _parse_instance(text: str, fmt: str) -> tuple[str, str] | None:
+    if fmt == "output_only":
+        return "", text.strip()
+    m = re.match(r"\s*(.*?)\s*\nOutput:\s*(.*)", text, flags=re.S)
+    if not m:
+        return None
+    task_input = m.group(1).strip()
+    if task_input.lower() in ("<noinput>", "none", "n/a", ""):
+        task_input = ""
+    return task_input, m.group(2).strip()
+
+
+def _instruction_reason(text: str, cfg: Config) -> str | None:
+    words = text.split()
+    if not words:
+        return "empty instruction"
+    if len(words) < cfg.min_words:
+        return f"shorter than {cfg.min_words} words"
+    if len(words) > cfg.max_words:
+        return f"longer than {cfg.max_words} words"
+    low = text.lower()
+    for word in cfg.blocklist:
+        if re.search(rf"\b{re.escape(word)}\b", low):
+            return f"blocked keyword {word!r}"
+    if low.startswith("write a program"):
+        return "ambiguous program-writing task"
+    if not text[0].isalnum():
+        return "starts with punctuation"
+    return None
+
+
+def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001 - see stages/core/runner.py
+    import torch
+    from rouge_score import rouge_scorer
+
+    from polyalign.stages.core.cards import render_card
+    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.models import cached_lm
+    from polyalign.stages.core.io import stable_unit
+
+    seeds = load_seed_tasks(cfg.seed_tasks)
+    seed_texts = [s["instruction"].strip() for s in seeds]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    pool_tokens = [scorer._tokenizer.tokenize(t) for t in seed_texts]  # noqa: SLF001
+
+    # resume: replay finished rounds to rebuild the pool exactly
+    kept: list[dict] = []
+    n_quarantined = 0
+    tokens = 0
+    round_no = 0
+    while out.exists(f"rounds/{round_no:05d}.json"):
+        meta = json.loads(out.path(f"rounds/{round_no:05d}.json").read_text())
+        shard = out.records(f"data/{round_no:05d}.jsonl")
+        kept.extend(shard)
+        pool_tokens.extend(scorer._tokenizer.tokenize(r["instruction"]) for r in shard)  # noqa: SLF001
+        n_quarantined += meta["quarantined"]
+        tokens += meta["tokens"]
+        round_no += 1
+    if round_no:
+        print(f"[self_instruct] resuming at round {round_no} with {len(kept)} instructions kept")
+
+    model, tok = cached_lm(inputs.model(cfg.teacher), dtype=inputs.model_dtype(cfg.teacher))
+    lm = LocalLM(model, tok, batch_size=cfg.batch_size)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions), desc="self_instruct", unit="instr")
+    while len(kept) < cfg.num_instructions and round_no < cfg.max_rounds:
+        rng = random.Random(f"{cfg.seed}-{round_no}")
+        torch.manual_seed(rng.randrange(2**31))
+        machine = [r["instruction"] for r in kept]
+        prompts = []
+        for _ in range(cfg.round_size):
+            demos = rng.sample(seed_texts, min(cfg.prompt_seed_tasks, len(seed_texts)))
+            extra = rng.sample(machine, min(cfg.prompt_machine_tasks, len(machine)))
+            prompts.append(_instruction_prompt(demos, extra))
+        params = SamplingParams(cfg.max_instruction_tokens, cfg.temperature, cfg.top_p)
+        candidates = [c[0] for c in lm.generate(prompts, params, stop=["\n", "Task "], desc=f"round {round_no}")]
+
+        quarantine, survivors = [], []
+        round_tokens = list(pool_tokens)
+        for i, text in enumerate(candidates):
+            text = re.sub(r"\s+", " ", text).strip()
+            cid = f"si-{round_no:05d}-{i:03d}"
+            reason = _instruction_reason(text, cfg)
+            if reason is None:
+                cand_tokens = scorer._tokenizer.tokenize(text)  # noqa: SLF001
+                best = max((rouge_scorer._score_lcs(t, cand_tokens).fmeasure for t in round_tokens), default=0.0)  # noqa: SLF001
+                if best > cfg.max_rouge_l:
+                    reason = f"ROUGE-L {best:.2f} > {cfg.max_rouge_l} to an existing instruction"
+                else:
+                    round_tokens.append(cand_tokens)
+            if reason:
+                quarantine.append({"id": cid, "instruction": text, "reason": reason})
+            else:
+                survivors.append((cid, text))
+
+        shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
+        inst_prompts = []
+        for _, text in survivors:
+            with_inst = [s for s in seeds if s["instances"]]
+            shots = shots_rng.sample(with_inst, min(cfg.instance_shots, len(with_inst)))
+            inst_prompts.append(_instance_prompt(shots, text, cfg.instance_format))
+        inst_params = SamplingParams(cfg.max_instance_tokens, 0.0)
+        outputs = lm.generate(inst_prompts, inst_params, stop=["\n\nInstruction:", "Instruction:"], desc="instances")
+        records = []
+        for (cid, text), gen in zip(survivors, outputs):
+            parsed = _parse_instance(gen[0], cfg.instance_format)
+            if parsed is None:
+                quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": gen[0]})
+                continue
+            task_input, output = parsed
+            if not output:
+                quarantine.append({"id": cid, "instruction": text, "reason": "empty output"})
+                continue
+            records.append(
+                {
+                    "id": cid,
+                    "instruction": text,
+                    "input": task_input,
+                    "output": output,
+                    "lang": "en",
+                    "split": "heldout" if stable_unit(cid) < cfg.heldout_fraction else "train",
+                    "source": "self_instruct",
+                }
+            )
+            pool_tokens.append(scorer._tokenizer.tokenize(text))  # noqa: SLF001
+        out.write_jsonl(f"quarantine/{round_no:05d}.jsonl", quarantine)
+        out.write_jsonl(f"data/{round_no:05d}.jsonl", records)
+        round_tokens_used = lm.tokens
+        lm.tokens_in = lm.tokens_out = 0
+        # the round marker is written last: its presence means the round is complete
+        out.write_json(
+            f"rounds/{round_no:05d}.json",
+            {"kept": len(records), "quarantined": len(quarantine), "tokens": round_tokens_used},
+        )
+        kept.extend(records)
+        n_quarantined += len(quarantine)
+        tokens += round_tokens_used
+        bar.update(min(len(records), max(0, cfg.num_instructions - bar.n)))
+        round_no += 1
+    bar.close()
+
+    if not kept:
+        raise RuntimeError(
+            f"self_instruct kept no instruction after {round_no} rounds ({n_quarantined} quarantined); "
+            "see quarantine/ in the partial artifact for the reasons"
+        )
+    reasons: dict[str, int] = {}
+    for row in out.records("quarantine/*.jsonl"):
+        key = row["reason"].split(" ")[0] if row["reason"].startswith("ROUGE") else row["reason"]
+        reasons[key] = reasons.get(key, 0) + 1
+    splits = {s: sum(r["split"] == s for r in kept) for s in ("train", "heldout")}
+    out.metrics.update(
+        tokens=tokens,
+        records=len(kept),
+        quarantined=n_quarantined,
+        rounds=round_no,
+        quarantine_reasons=reasons,
+        **{f"records_{k}": v for k, v in splits.items()},
+    )
+    out.summary = (
+        f"Self-Instruct kept {len(kept)} instructions ({splits['train']} train, "
+        f"{splits['heldout']} held out) from {round_no} rounds; {n_quarantined} candidates quarantined."
+    )
+    out.card = render_card(
+        pretty_name="polyalign self-instruct data",
+        description="English instruction-following tasks written by a teacher model from seed tasks.",
+        stage="self_instruct",
+        stage_version=VERSION,
+        fingerprint=out.fingerprint,
+        languages=["en"],
+        counts={"kept": len(kept), "quarantined": n_quarantined, **splits},
+        total=len(kept),
+        models=out.models,
+        provenance=[f"seed tasks: {cfg.seed_tasks}", f"{round_no} generation rounds, seed {cfg.seed}"],
+        filters=[
+            f"instruction length {cfg.min_words}-{cfg.max_words} words",
+            f"blocked keywords: {', '.join(cfg.blocklist)}",
+            f"ROUGE-L novelty: dropped when > {cfg.max_rouge_l} against a kept instruction",
+            "instances without an output are dropped",
+        ]
+        + [f"quarantined for '{k}': {v}" for k, v in sorted(reasons.items())],
+        samples=kept[:3],
+    )

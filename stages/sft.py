@@ -1,0 +1,89 @@
+"""Supervised fine-tuning of the base model on the multilingual instruction data.
+
+TRL's SFTTrainer with a LoRA/DoRA adapter, chat-formatted prompt/completion pairs and loss on
+the completion only. Trainer checkpoints live in the partial folder; a rerun resumes from the
+newest one. The artifact is the adapter (`model/`), loaded on top of the base model.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+from polyalign.stages.core.languages import check_languages
+from polyalign.stages.core.training import PeftSettings, TrainSettings
+
+VERSION = "1"
+INPUTS = {"data": "instruction records in every language (translate)"}
+DATASET = False
+
+
+class Config(StageConfig):
+    model: str = model_field("Base model (name in `models:`) to fine-tune.")
+    languages: list[str] = Field(default_factory=list, description="Train on these languages (empty: all).")
+    include_english: bool = Field(True, description="Also train on the English source records.")
+    lora: PeftSettings = Field(default_factory=PeftSettings, description="Adapter settings.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
+    save_steps: int = runtime_field(50, "Write a resumable checkpoint every this many steps.", gt=0)
+    logging_steps: int = runtime_field(10, "Log the loss every this many steps.", gt=0)
+
+    _langs = field_validator("languages")(lambda cls, v: check_languages(v))
+
+
+def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from polyalign.stages.core.models import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.training import drop_checkpoints, peft_config, train_resumable, trainer_kwargs, user_message
+
+    langs = set(cfg.languages) | ({"en"} if cfg.include_english else set())
+    rows = [
+        r
+        for r in inputs["data"].records("data/*/*.jsonl")
+        if r.get("split", "train") == "train" and (not cfg.languages or r["lang"] in langs)
+        and (cfg.include_english or r["lang"] != "en")
+    ]
+    if not rows:
+        raise RuntimeError("sft: no training records after the language and split filters")
+    rows.sort(key=lambda r: r["id"])
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": user_message(r)}],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+            for r in rows
+        ]
+    )
+    path = inputs.model(cfg.model)
+    tok = load_tokenizer(path, padding_side="right")
+    model = load_causal_lm(path, dtype=inputs.model_dtype(cfg.model))
+    ckpt_dir = out.path("checkpoints")
+    args = SFTConfig(
+        **trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps),
+        max_length=cfg.train.max_length,
+        completion_only_loss=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=peft_config(cfg.lora, "CAUSAL_LM"),
+    )
+    stats = train_resumable(trainer, ckpt_dir)
+    trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
+    tok.save_pretrained(str(out.path("model")))
+    drop_checkpoints(ckpt_dir)
+    per_lang: dict[str, int] = {}
+    for r in rows:
+        per_lang[r["lang"]] = per_lang.get(r["lang"], 0) + 1
+    log_history = stats.pop("log_history")
+    out.write_json("train_log.json", log_history)
+    out.metrics.update(stats, examples=len(rows), examples_per_language=per_lang)
+    out.summary = (
+        f"SFT ({cfg.lora.method}, r={cfg.lora.r}) on {len(rows)} examples in {len(per_lang)} languages: "
+        f"{stats['global_step']} steps, loss {stats['first_logged_loss']} -> {stats['last_logged_loss']}, "
+        f"{stats['trainable_params']:,} trainable parameters."
+    )
