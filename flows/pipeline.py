@@ -1,0 +1,120 @@
+"""The polyalign DAG as one Prefect flow.
+
+Each stage is a task. A stage whose artifact is already in the store returns a `Cached` state
+(the store, not Prefect's task cache, is the source of truth), so the UI shows what was
+reused and retrying a failed flow run resumes it. Fan-out stages (translation and evaluation,
+one unit per language) run their units as concurrent tasks; a failing language does not stop
+the others from finishing and saving their shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from polyalign.stages.core import runner
+from polyalign.stages.core.pipeline import Pipeline, load_pipeline
+
+
+def _artifact_key(pipeline: Pipeline, stage: str) -> str:
+    raw = f"polyalign-{pipeline.name}-{stage}".lower()
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in raw)
+
+
+def _stage_markdown(pipeline: Pipeline, stage: str, art: Any, was_cached: bool) -> str:
+    m = art.metrics
+    card = art.path / "README.md"
+    lines = [
+        f"### {stage} ({'cached' if was_cached else 'ran'})",
+        "",
+        art.manifest.get("summary", ""),
+        "",
+        f"- fingerprint: `{art.fingerprint[:16]}`",
+        f"- artifact: `{art.path}`",
+        f"- wall: {m.get('wall_seconds', 'n/a')} s, tokens: {m.get('tokens', 'n/a')}, "
+        f"peak RSS: {round(m.get('peak_rss_bytes', 0) / 2**20)} MiB",
+    ]
+    if "trainable_params" in m:
+        lines.append(f"- trainable parameters: {m['trainable_params']:,}")
+    if card.exists():
+        lines.append(f"- data card: `{card}`")
+    return "\n".join(lines)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{stage}")
+def stage_task(config: str, overrides: list[str], store: str | None, stage: str) -> Any:
+    pipeline = load_pipeline(config, overrides, store)
+    hit = runner.cached(pipeline, stage)
+    if hit is not None:
+        return Completed(name="Cached", message=f"{stage}: reused artifact {hit.fingerprint[:12]}", data=hit.manifest.get("summary", ""))
+    art = runner.finish(pipeline, stage)
+    create_markdown_artifact(key=_artifact_key(pipeline, stage), markdown=_stage_markdown(pipeline, stage, art, False), description=f"polyalign stage {stage}")
+    return art.manifest.get("summary", "")
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{stage}[{unit}]")
+def unit_task(config: str, overrides: list[str], store: str | None, stage: str, unit: str) -> str:
+    pipeline = load_pipeline(config, overrides, store)
+    runner.run_unit(pipeline, stage, unit)
+    return unit
+
+
+class UnitsFailed(RuntimeError):
+    pass
+
+
+@flow(name="polyalign", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def polyalign_flow(
+    config: str,
+    overrides: list[str] | None = None,
+    until: str | None = None,
+    store: str | None = None,
+) -> dict[str, str]:
+    """Run the pipeline in `config` (up to `until`), resuming from whatever the store holds."""
+    overrides = list(overrides or [])
+    pipeline = load_pipeline(config, overrides, store)
+    states: dict[str, str] = {}
+    for stage in pipeline.until(until):
+        if runner.cached(pipeline, stage) is None:
+            fan = runner.units(pipeline, stage)
+            if fan:
+                futures = [unit_task.submit(config, overrides, store, stage, u) for u in fan]
+                wait(futures)
+                failed = [u for u, f in zip(fan, futures) if f.state.is_failed() or f.state.is_crashed()]
+                if failed:
+                    done = [u for u in fan if u not in failed]
+                    raise UnitsFailed(f"stage {stage}: units {failed} failed; {done} finished and are kept")
+        state = stage_task(config, overrides, store, stage, return_state=True)
+        if not state.is_completed():
+            state.result()  # re-raises the stage's exception and fails the flow
+        states[stage] = state.name
+    _summary_artifact(pipeline, list(states), states)
+    return states
+
+
+def _summary_artifact(pipeline: Pipeline, stages: list[str], states: dict[str, str]) -> None:
+    lines = [f"# polyalign pipeline `{pipeline.name}`", "", "| stage | state | summary |", "|---|---|---|"]
+    evaluation = None
+    for plan in pipeline.plan(stages):
+        art = pipeline.store.open(plan.name, plan.fingerprint)
+        summary = art.manifest.get("summary", "").replace("\n", " ")
+        if plan.type == "evaluate":
+            evaluation = art
+            summary = "see table below"
+        lines.append(f"| {plan.name} | {states[plan.name]} | {summary} |")
+    if evaluation is not None:
+        lines += ["", "## Evaluation", "", evaluation.manifest.get("summary", "")]
+        results = evaluation.read_json("results.json")["models"]
+        rows = [
+            {"model": model, "language": lang, "acc": round(r["acc"], 4), "acc_norm": round(r["acc_norm"], 4), "n": r["n"]}
+            for model, res in results.items()
+            for lang, r in res["languages"].items()
+        ]
+        create_table_artifact(key=_artifact_key(pipeline, "evaluation-table"), table=rows, description="acc / acc_norm per model and language")
+    create_markdown_artifact(key=_artifact_key(pipeline, "summary"), markdown="\n".join(lines), description="polyalign run summary")

