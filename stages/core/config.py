@@ -63,8 +63,9 @@ def _walk_refs(model: BaseModel, prefix: str, out: dict[str, str]) -> None:
 def _semantic(model: BaseModel) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for name in type(model).model_fields:
-        if _extra(model, name).get(_RUNTIME):
-            continue
+        extra = _extra(model, name)
+        if extra.get(_RUNTIME) or extra.get(_MODEL_REF):
+            continue  # model references enter the fingerprint as identities, not names
         value = getattr(model, name)
         data[name] = _semantic(value) if isinstance(value, BaseModel) else value
     return data

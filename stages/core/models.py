@@ -363,6 +363,12 @@ def load_causal_lm(
     for adapter in adapters or []:
         from peft import PeftConfig, PeftModel
 
+        if not (Path(adapter) / "adapter_config.json").exists():
+            # a fully fine-tuned model: it replaces what was loaded so far
+            cls = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+            extra = {} if num_labels is None else {"num_labels": num_labels}
+            model = cls.from_pretrained(adapter, dtype=torch_dtype(dtype), **extra)
+            continue
         config = PeftConfig.from_pretrained(adapter)
         if num_labels is not None:
             config.task_type = None  # a causal-LM adapter merged into a classifier's backbone

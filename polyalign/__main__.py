@@ -1,0 +1,3 @@
+from polyalign.cli import main
+
+main()
