@@ -1,0 +1,49 @@
+"""The local generation backend on a tiny model: batching must not change results."""
+
+import pytest
+
+from polyalign.stages.core.generation import LocalLM, SamplingParams
+from polyalign.stages.core.models import TinySpec, ModelSpec, cached_lm, ensure_model, models_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    path = ensure_model(ModelSpec(tiny=TinySpec(seed=5)), models_dir())
+    model, tok = cached_lm(path)
+    return model, tok
+
+
+def test_tiny_tokenizer_round_trips(tiny_lm):
+    _, tok = tiny_lm
+    for text in ("Quelle planète est la plus proche du Soleil ?", "Thành phố nào", "x = 3 * 4"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids and tok.decode(ids) == text
+
+
+def test_loglikelihood_is_batch_invariant(tiny_lm):
+    model, tok = tiny_lm
+    requests = [("Question: 2+2?\nAnswer:", " 4"), ("Q: colour of the sky\nA:", " blue, mostly"), ("", "hello")]
+    one = LocalLM(model, tok, batch_size=1, progress=False).loglikelihood(requests)
+    many = LocalLM(model, tok, batch_size=8, progress=False).loglikelihood(requests)
+    for (a, _), (b, _) in zip(one, many):
+        assert a == pytest.approx(b, abs=1e-4)
+        assert a < 0
+
+
+def test_greedy_generation_is_batch_invariant_and_in_order(tiny_lm):
+    model, tok = tiny_lm
+    prompts = ["Translate: hello", "A much longer prompt about the weather in Paris today", "x"]
+    params = SamplingParams(max_new_tokens=8)
+    one = LocalLM(model, tok, batch_size=1, progress=False).generate(prompts, params)
+    many = LocalLM(model, tok, batch_size=3, progress=False)
+    out = many.generate(prompts, params)
+    assert out == one
+    assert many.tokens_out > 0 and many.tokens_in > 0
+
+
+def test_sampling_returns_k_sequences(tiny_lm):
+    model, tok = tiny_lm
+    out = LocalLM(model, tok, batch_size=2, progress=False).generate(
+        ["a", "b c"], SamplingParams(max_new_tokens=6, temperature=1.0, num_return_sequences=3)
+    )
+    assert [len(o) for o in out] == [3, 3]

@@ -1,0 +1,100 @@
+"""Filters, parsers and loaders of the stages, on small inputs."""
+
+import json
+
+import pytest
+
+from polyalign.stages import evaluate, self_instruct, translate
+from polyalign.stages.core.errors import UserError
+from tests.conftest import SHARED_DATA
+
+
+def si_cfg(**kw):
+    return self_instruct.Config(teacher="t", **kw)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("", "empty instruction"),
+        ("Hi", "shorter than 3 words"),
+        ("Draw a cat sitting on a mat", "blocked keyword 'draw'"),
+        ("Describe the image shown below in detail", "blocked keyword 'image'"),
+        ("- List three colours please", "starts with punctuation"),
+        ("Write a program that sorts numbers", "ambiguous program-writing task"),
+        ("Explain why the sky looks blue during the day.", None),
+    ],
+)
+def test_instruction_filters(text, reason):
+    assert self_instruct._instruction_reason(text, si_cfg()) == reason
+
+
+def test_instance_parsing():
+    assert self_instruct._parse_instance(" <noinput>\nOutput: Paris.", "input_output") == ("", "Paris.")
+    assert self_instruct._parse_instance(" 3 + 4\nOutput: 7", "input_output") == ("3 + 4", "7")
+    assert self_instruct._parse_instance("no marker here", "input_output") is None
+    assert self_instruct._parse_instance(" just text ", "output_only") == ("", "just text")
+
+
+def test_builtin_seed_tasks_are_diverse_and_valid():
+    seeds = self_instruct.load_seed_tasks("builtin")
+    assert len(seeds) >= 40
+    assert len({s["instruction"] for s in seeds}) == len(seeds)
+    assert sum(bool(s.get("is_classification")) for s in seeds) >= 5
+    assert all(s["instances"] and s["instances"][0]["output"].strip() for s in seeds)
+
+
+def test_bad_seed_file_is_named(tmp_path):
+    bad = tmp_path / "seeds.jsonl"
+    bad.write_text(json.dumps({"instruction": "ok", "instances": []}) + "\n{broken\n")
+    with pytest.raises(UserError, match=r"seeds.jsonl:2: invalid JSON"):
+        self_instruct.load_seed_tasks(str(bad))
+    bad.write_text(json.dumps({"instances": []}) + "\n")
+    with pytest.raises(UserError, match=r"seeds.jsonl:1: missing field 'instruction'"):
+        self_instruct.load_seed_tasks(str(bad))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "self_instruct").is_dir(), reason="../shared/data is absent")
+def test_self_instruct_seed_file_from_shared_data_loads():
+    seeds = self_instruct.load_seed_tasks(str(SHARED_DATA / "self_instruct" / "seed_tasks.jsonl"))
+    assert len(seeds) == 175
+
+
+def test_translation_quality_filters():
+    cfg = translate.Config(model="m", languages=["fr"])
+    assert translate._problem("Hello there friend", "", cfg) == "empty translation"
+    assert translate._problem("Hello there friend", "hello there, friend!", cfg).startswith("untranslated")
+    assert "length ratio" in translate._problem("A fairly long English sentence here.", "Oui", cfg)
+    assert translate._problem("Close the window please.", "Fermez la fenêtre, s'il vous plaît.", cfg) is None
+
+
+def test_translate_rejects_english_target():
+    with pytest.raises(ValueError, match="source language"):
+        translate.Config(model="m", languages=["en", "fr"])
+
+
+def test_translation_prompt_has_shots_and_language_name():
+    prompt = translate._prompt("Good morning.", "vi", translate._shots("vi", 2))
+    assert prompt.count("English:") == 3 and prompt.endswith("English: Good morning.\nVietnamese:")
+
+
+def test_builtin_benchmark_is_parallel_across_languages():
+    rows = evaluate.load_benchmark("builtin")
+    by_q = {}
+    for r in rows:
+        by_q.setdefault(r["qid"], []).append(r)
+    assert len(by_q) >= 20
+    for qid, group in by_q.items():
+        assert {r["lang"] for r in group} == {"en", "fr", "de", "vi", "es"}
+        assert len({r["answer"] for r in group}) == 1, qid
+
+
+def test_malformed_benchmark_row_is_named(tmp_path):
+    bad = tmp_path / "mc.jsonl"
+    good = {"id": "a", "lang": "fr", "question": "?", "choices": ["x", "y"], "answer": 0}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": 5}) + "\n")
+    with pytest.raises(UserError, match=r"mc.jsonl: row 2: field 'answer' 5 is out of range"):
+        evaluate.load_benchmark(str(bad))
+    bad.write_text(json.dumps({k: v for k, v in good.items() if k != "choices"}) + "\n")
+    with pytest.raises(UserError, match=r"mc.jsonl:1: missing field 'choices'"):
+        evaluate.load_benchmark(str(bad))
