@@ -114,7 +114,10 @@ def run(
         typer.echo(f"pipeline failed: {state.message}", err=True)
         raise typer.Exit(1)
     states = state.result()
-    typer.echo("\n".join(f"  {stage:<14} {s}" for stage, s in states.items()))
+    typer.echo(f"\npipeline {pipe.name!r} finished; store {pipe.store.root}")
+    for plan in pipe.plan(list(states)):
+        summary = pipe.store.open(plan.name, plan.fingerprint).manifest.get("summary", "")
+        typer.echo(f"\n[{plan.name}: {states[plan.name]}] {summary.strip()}")
 
 
 @app.command()

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 
-VERSION = "1"
+VERSION = "2"
 INPUTS: dict[str, str] = {}
 DATASET = True
 
@@ -108,10 +108,12 @@ def _parse_instance(text: str, fmt: str) -> tuple[str, str] | None:
     m = re.match(r"\s*(.*?)\s*\nOutput:\s*(.*)", text, flags=re.S)
     if not m:
         return None
-    task_input = m.group(1).strip()
+    task_input, output = m.group(1).strip(), m.group(2)
+    # small teachers often repeat the pattern; keep only the first output
+    output = re.split(r"\n\s*(?:Output|Input|Instruction):", output)[0]
     if task_input.lower() in ("<noinput>", "none", "n/a", ""):
         task_input = ""
-    return task_input, m.group(2).strip()
+    return task_input, output.strip()
 
 
 def _instruction_reason(text: str, cfg: Config) -> str | None:

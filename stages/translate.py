@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
-VERSION = "1"
+VERSION = "2"
 INPUTS = {"data": "English instruction records (self_instruct)"}
 DATASET = True
 FIELDS = ("instruction", "input", "output")
@@ -97,7 +97,7 @@ def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
     model, tok = cached_lm(inputs.model(cfg.model), dtype=inputs.model_dtype(cfg.model))
     lm = LocalLM(model, tok, batch_size=cfg.batch_size, progress=False)
     shots = _shots(lang, cfg.shots)
-    stop = [f"\nEnglish:", "\n\n"]
+    stop = ["\nEnglish:", f"\n{LANGUAGE_NAMES[lang]}:", "\n\n"]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * cfg.shard_size, desc=f"translate[{lang}]", unit="rec")
     for k in todo:

@@ -71,6 +71,8 @@ class LocalLM:
                 pad_token_id=self.tok.pad_token_id,
                 eos_token_id=eos or None,
             )
+            if stop:  # stop early on the host side too, not only when cutting the text
+                kwargs.update(stop_strings=list(stop), tokenizer=self.tok)
             if sample:
                 kwargs.update(temperature=params.temperature, top_p=params.top_p)
             else:

@@ -146,3 +146,26 @@ def test_prefect_artifacts_were_created(tiny_run):
     assert summary is not None and "| evaluate |" in summary.data
     table = Artifact.get("polyalign-tiny-evaluation-table")
     assert table is not None
+
+
+def test_status_predicts_what_a_config_change_reruns(tiny_run):
+    from tests.conftest import cli
+
+    *_, pipe, _ = tiny_run
+    store = str(pipe.store.root)
+    plain = json.loads(cli("status", str(TINY), "--store", store, "--json", check=True).stdout)
+    assert {s["name"]: (s["state"], s["will_run"]) for s in plain["stages"]} == {s: ("cached", False) for s in pipe.order}
+    changed = json.loads(
+        cli("status", str(TINY), "--store", store, "--json", "--set", "sft.train.learning_rate=0.001", check=True).stdout
+    )
+    assert {s["name"] for s in changed["stages"] if s["will_run"]} == {"sft", "preferences", "reward_model", "align", "evaluate"}
+    assert {s["name"] for s in changed["stages"] if s["state"] == "cached"} == {"self_instruct", "translate"}
+
+
+def test_stage_with_missing_upstream_names_it(tmp_path):
+    from tests.conftest import cli
+
+    proc = cli("stage", "sft", str(TINY), "--store", str(tmp_path / "empty"))
+    assert proc.returncode == 2
+    assert "needs input 'data' from stage 'translate', which is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -98,3 +98,8 @@ def test_malformed_benchmark_row_is_named(tmp_path):
     bad.write_text(json.dumps({k: v for k, v in good.items() if k != "choices"}) + "\n")
     with pytest.raises(UserError, match=r"mc.jsonl:1: missing field 'choices'"):
         evaluate.load_benchmark(str(bad))
+
+
+def test_instance_parsing_keeps_only_the_first_output():
+    text = " I have a dog.\nOutput: I have a cat.\nOutput: I have a cat.\nInput: x"
+    assert self_instruct._parse_instance(text, "input_output") == ("I have a dog.", "I have a cat.")
