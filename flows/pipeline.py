@@ -69,7 +69,7 @@ class UnitsFailed(RuntimeError):
     pass
 
 
-@flow(name="polyalign", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="polyalign", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def polyalign_flow(
     config: str,
     overrides: list[str] | None = None,

@@ -404,5 +404,16 @@ def cached_lm(path: str, adapters: list[str] | None = None, dtype: str = "auto")
 
 
 def release_models() -> None:
+    """Drop the process-wide model cache (and free accelerator memory)."""
+    import gc
+
     with _loaded_lock:
         _loaded.clear()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

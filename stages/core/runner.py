@@ -18,7 +18,7 @@ from typing import Any
 
 from polyalign import __version__
 from polyalign.stages.core.errors import MissingInputError
-from polyalign.stages.core.models import ensure_model
+from polyalign.stages.core.models import ensure_model, release_models
 from polyalign.stages.core.pipeline import Pipeline
 from polyalign.stages.core.store import Artifact, ArtifactWriter
 
@@ -173,7 +173,9 @@ def finish(pipeline: Pipeline, stage: str) -> Artifact:
         "host": platform.node(),
         "pid": os.getpid(),
     }
-    return writer.commit(manifest)
+    art = writer.commit(manifest)
+    release_models()  # the next stage loads what it needs; keep peak memory per stage
+    return art
 
 
 def run_stage(pipeline: Pipeline, stage: str) -> tuple[Artifact, bool]:

@@ -1,0 +1,69 @@
+"""Real small models from PyPI packages (`make test-slow`). Skipped when the packages are absent."""
+
+from __future__ import annotations
+
+from importlib import util
+
+import pytest
+
+from polyalign.stages.core.models import PREPARED_RECIPES, ModelSpec, cached_lm, ensure_model, models_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _prepared(name: str) -> str:
+    recipe = PREPARED_RECIPES[name]
+    root = models_dir()
+    if not (root / name / "config.json").exists() and util.find_spec(recipe["module"]) is None:
+        pytest.skip(f"{recipe['package']} is not installed")
+    return ensure_model(ModelSpec(prepared=name), root)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_models_dir():
+    # the real models are big: use the user's prepared folder, not the per-session temp one
+    import os
+
+    old = os.environ.pop("POLYALIGN_MODELS", None)
+    yield
+    if old is not None:
+        os.environ["POLYALIGN_MODELS"] = old
+
+
+def test_smollm2_answers_a_simple_question():
+    from polyalign.stages.core.generation import LocalLM, SamplingParams
+
+    model, tok = cached_lm(_prepared("smollm2-135m-instruct"))
+    lm = LocalLM(model, tok, batch_size=2, progress=False)
+    out = lm.generate([lm.chat_prompt("What is the capital of France? Answer in one word.")], SamplingParams(16))
+    assert "paris" in out[0][0].lower()
+
+
+def test_gemma_few_shot_translation_into_french():
+    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.translate import _prompt, _shots
+
+    model, tok = cached_lm(_prepared("gemma3-270m"))
+    lm = LocalLM(model, tok, batch_size=2, progress=False)
+    src = "The cat is sleeping on the chair."
+    out = lm.generate([_prompt(src, "fr", _shots("fr", 3))], SamplingParams(32), stop=["\nEnglish:", "\nFrench:", "\n\n"])
+    text = out[0][0].lower()
+    assert text and text != src.lower()
+    assert any(word in text for word in ("chat", "chaise", "dort"))
+
+
+def test_self_instruct_with_smollm2_writes_parsed_instances(tmp_path):
+    from polyalign.stages.core.pipeline import load_pipeline
+    from polyalign.stages.core.runner import run_stage
+    from tests.conftest import ROOT
+
+    _prepared("smollm2-135m-instruct")
+    pipe = load_pipeline(
+        ROOT / "configs" / "demo.yaml",
+        ["self_instruct.num_instructions=4", "self_instruct.round_size=8", "self_instruct.max_rounds=2"],
+        store=str(tmp_path),
+    )
+    art, _ = run_stage(pipe, "self_instruct")
+    rows = art.records("data/*.jsonl")
+    assert rows and all(r["instruction"] and r["output"] for r in rows)
+    assert "Output:" not in " ".join(r["output"] for r in rows)
