@@ -111,6 +111,11 @@ def run(
 
     state = polyalign_flow(config, list(set_ or []), until, store, return_state=True)
     if not state.is_completed():
+        from polyalign.stages.core.errors import UserError
+
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, UserError):
+            _fail(str(exc))
         typer.echo(f"pipeline failed: {state.message}", err=True)
         raise typer.Exit(1)
     states = state.result()

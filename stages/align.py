@@ -39,7 +39,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     from trl import DPOConfig, DPOTrainer
 
     from polyalign.stages.core.models import load_causal_lm, load_tokenizer
-    from polyalign.stages.core.training import drop_checkpoints, peft_config, train_resumable, trainer_kwargs
+    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
 
     pairs = sorted(inputs["pairs"].records("data/*/*.jsonl"), key=lambda r: r["id"])
     data = Dataset.from_list(
@@ -64,10 +64,11 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
         loss_type=[cfg.loss_type],
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
-    stats = train_resumable(trainer, ckpt_dir)
-    trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
-    tok.save_pretrained(str(out.path("model")))
-    drop_checkpoints(ckpt_dir)
+    def save() -> None:
+        trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
+        tok.save_pretrained(str(out.path("model")))
+
+    stats = train_resumable(trainer, ckpt_dir, save)
     history = stats.pop("log_history")
     out.write_json("train_log.json", history)
     last = next((h for h in reversed(history) if "rewards/accuracies" in h), {})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+from polyalign.stages.core.config import StageConfig, data_file_field, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
 
 VERSION = "1"
@@ -27,8 +27,8 @@ MC_FIELDS = {"id": str, "lang": str, "question": str, "choices": list, "answer":
 
 class Config(StageConfig):
     model: str = model_field("Base model (name in `models:`); adapters come from the inputs.")
-    benchmark: str = Field(
-        "builtin", description="Multiple-choice JSONL (id, lang, question, choices, answer) or 'builtin'."
+    benchmark: str = data_file_field(
+        "mini_mc.jsonl", "Multiple-choice JSONL (id, lang, question, choices, answer) or 'builtin'."
     )
     languages: list[str] = Field(..., min_length=1, description="Languages to evaluate.")
     limit: int | None = Field(None, gt=0, description="Evaluate at most this many documents per language.")
@@ -36,6 +36,26 @@ class Config(StageConfig):
     batch_size: int = runtime_field(16, "Continuations scored per forward pass.", gt=0)
 
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
+
+    @field_validator("benchmark")
+    @classmethod
+    def _benchmark_is_valid(cls, value: str) -> str:
+        from polyalign.stages.core.errors import UserError
+
+        if value != "builtin" and not Path(value).expanduser().is_file():
+            raise ValueError(f"benchmark file {value!r} does not exist")
+        try:  # read it now: a malformed row is a config error, not a crash after training
+            load_benchmark(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+def check_inputs(names: set[str]) -> str | None:
+    """The aligned adapter was trained on top of the SFT one: it cannot be applied alone."""
+    if "aligned" in names and "sft" not in names:
+        return "input 'aligned' needs input 'sft' too (the aligned adapter sits on the SFT model)"
+    return None
 
 
 def units(cfg: Config) -> list[str]:

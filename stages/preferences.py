@@ -15,7 +15,7 @@ import math
 
 from pydantic import Field, field_validator
 
-from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+from polyalign.stages.core.config import StageConfig, model_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
 VERSION = "1"
@@ -46,7 +46,10 @@ class Config(StageConfig):
     min_margin: float = Field(0.01, ge=0, description="Quarantine pairs whose expected ratings differ less.")
     chunk_size: int = Field(16, gt=0, description="Prompts per shard (the unit of resume).")
     seed: int = Field(0, description="Sampling seed.")
-    batch_size: int = runtime_field(8, "Prompts per generation batch.", gt=0)
+    batch_size: int = Field(
+        8, gt=0, description="Prompts per generation batch. Part of the fingerprint here: with "
+        "sampling, the batch layout decides how the random stream is consumed.",
+    )
 
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
 
@@ -69,6 +72,11 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     rows = [r for r in inputs["data"].records("data/*/*.jsonl") if r.get("split") == "heldout"]
     langs = sorted({r["lang"] for r in rows} - ({"en"} if not cfg.include_english else set()))
     if cfg.languages:
+        absent = [lang for lang in cfg.languages if lang not in langs]
+        if absent:
+            from polyalign.stages.core.errors import UserError
+
+            raise UserError(f"preferences.languages: no held-out prompts in {', '.join(absent)} (data has {', '.join(langs) or 'none'})")
         langs = [lang for lang in langs if lang in cfg.languages or (cfg.include_english and lang == "en")]
     if not langs:
         raise RuntimeError("preferences: no held-out prompts in the requested languages")

@@ -52,37 +52,63 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     from trl import RewardConfig, RewardTrainer
 
     from polyalign.stages.core.io import stable_unit
-    from polyalign.stages.core.models import load_causal_lm, load_tokenizer
-    from polyalign.stages.core.training import drop_checkpoints, peft_config, train_resumable, trainer_kwargs
+    from polyalign.stages.core.models import load_causal_lm, load_reward_model, load_tokenizer
+    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
 
     pairs = sorted(inputs["pairs"].records("data/*/*.jsonl"), key=lambda r: r["id"])
-    held = [p for p in pairs if stable_unit(p["id"]) < cfg.eval_fraction]
-    train = [p for p in pairs if stable_unit(p["id"]) >= cfg.eval_fraction]
+    path = inputs.model(cfg.model)
+    tok = load_tokenizer(path, padding_side="right")
+
+    # RewardTrainer silently drops pairs longer than max_length: quarantine them ourselves
+    def n_tokens(prompt: str, answer: str) -> int:
+        text = tok.apply_chat_template(_conversation(prompt, answer), tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    too_long = []
+    usable = []
+    for p in pairs:
+        longest = max(n_tokens(p["prompt"], p["chosen"]), n_tokens(p["prompt"], p["rejected"]))
+        if longest > cfg.train.max_length:
+            too_long.append({"id": p["id"], "lang": p["lang"], "reason": f"{longest} tokens > max_length {cfg.train.max_length}"})
+        else:
+            usable.append(p)
+    out.write_jsonl("quarantine.jsonl", too_long)
+    held = [p for p in usable if stable_unit(p["id"]) < cfg.eval_fraction]
+    train = [p for p in usable if stable_unit(p["id"]) >= cfg.eval_fraction]
     if not train:
-        raise RuntimeError(f"reward_model: no training pairs ({len(pairs)} pairs, eval_fraction {cfg.eval_fraction})")
+        raise RuntimeError(
+            f"reward_model: no training pairs ({len(pairs)} pairs, {len(too_long)} too long, "
+            f"eval_fraction {cfg.eval_fraction})"
+        )
     data = Dataset.from_list(
         [{"chosen": _conversation(p["prompt"], p["chosen"]), "rejected": _conversation(p["prompt"], p["rejected"])} for p in train]
     )
-    path = inputs.model(cfg.model)
-    tok = load_tokenizer(path, padding_side="right")
-    model = load_causal_lm(path, [str(inputs["policy"].file("model"))], inputs.model_dtype(cfg.model), num_labels=1)
+    sft_adapter = str(inputs["policy"].file("model"))
+    model = load_causal_lm(path, [sft_adapter], inputs.model_dtype(cfg.model), num_labels=1)
     ckpt_dir = out.path("checkpoints")
     args = RewardConfig(**trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps), max_length=cfg.train.max_length)
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config(cfg.lora, "SEQ_CLS"))
-    stats = train_resumable(trainer, ckpt_dir)
-    trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
-    tok.save_pretrained(str(out.path("model")))
-    drop_checkpoints(ckpt_dir)
+
+    def save() -> None:
+        trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
+        tok.save_pretrained(str(out.path("model")))
+
+    stats = train_resumable(trainer, ckpt_dir, save)
+    del trainer, model
 
     accuracy = None
     if held:
-        trainer.model.eval()
+        # score with the saved artifact, loaded the way consumers of the reward model load it
+        rm = load_reward_model(path, [sft_adapter, str(out.path("model"))], inputs.model_dtype(cfg.model))
         conv = [_conversation(p["prompt"], p["chosen"]) for p in held] + [_conversation(p["prompt"], p["rejected"]) for p in held]
-        rewards = score(trainer.model, tok, conv, cfg.batch_size)
+        rewards = score(rm, tok, conv, cfg.batch_size)
         chosen, rejected = rewards[: len(held)], rewards[len(held) :]
         accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(held)
         out.write_jsonl("heldout_scores.jsonl", [{"id": p["id"], "lang": p["lang"], "reward_chosen": c, "reward_rejected": r} for p, c, r in zip(held, chosen, rejected)])
     out.write_json("train_log.json", stats.pop("log_history"))
-    out.metrics.update(stats, train_pairs=len(train), heldout_pairs=len(held), heldout_accuracy=accuracy)
+    out.metrics.update(stats, train_pairs=len(train), heldout_pairs=len(held), quarantined_too_long=len(too_long), heldout_accuracy=accuracy)
     acc_text = f"{accuracy:.3f} on {len(held)} held-out pairs" if accuracy is not None else "not measured (no held-out pairs)"
-    out.summary = f"Reward model trained on {len(train)} pairs for {stats['global_step']} steps; pairwise accuracy {acc_text}."
+    out.summary = (
+        f"Reward model trained on {len(train)} pairs for {stats['global_step']} steps; pairwise accuracy "
+        f"{acc_text}; {len(too_long)} pairs longer than max_length quarantined."
+    )

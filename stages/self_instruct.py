@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+from polyalign.stages.core.config import StageConfig, data_file_field, model_field
 
 VERSION = "2"
 INPUTS: dict[str, str] = {}
@@ -33,8 +34,8 @@ DEFAULT_BLOCKLIST = [
 
 class Config(StageConfig):
     teacher: str = model_field("Model (name in `models:`) that writes instructions and instances.")
-    seed_tasks: str = Field(
-        "builtin", description="Seed tasks JSONL in Self-Instruct format, or 'builtin' (shipped)."
+    seed_tasks: str = data_file_field(
+        "seed_tasks.jsonl", "Seed tasks JSONL in Self-Instruct format, or 'builtin' (shipped)."
     )
     num_instructions: int = Field(100, gt=0, description="Stop once this many instructions are kept.")
     max_rounds: int = Field(50, gt=0, description="Give up after this many rounds even if short.")
@@ -59,7 +60,23 @@ class Config(StageConfig):
         0.2, ge=0, lt=1, description="Share of records marked split=heldout (preference prompts)."
     )
     seed: int = Field(0, description="Random seed of demonstration sampling and generation.")
-    batch_size: int = runtime_field(8, "Prompts per generation batch.", gt=0)
+    batch_size: int = Field(
+        8, gt=0, description="Prompts per generation batch. Part of the fingerprint here: with "
+        "sampling, the batch layout decides how the random stream is consumed.",
+    )
+
+    @field_validator("seed_tasks")
+    @classmethod
+    def _seed_file_is_valid(cls, value: str) -> str:
+        from polyalign.stages.core.errors import UserError
+
+        if value != "builtin" and not Path(value).expanduser().is_file():
+            raise ValueError(f"seed tasks file {value!r} does not exist")
+        try:  # read it now: a bad row is a config error, not a crash halfway through a run
+            load_seed_tasks(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

@@ -35,7 +35,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     from trl import SFTConfig, SFTTrainer
 
     from polyalign.stages.core.models import load_causal_lm, load_tokenizer
-    from polyalign.stages.core.training import drop_checkpoints, peft_config, train_resumable, trainer_kwargs, user_message
+    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs, user_message
 
     langs = set(cfg.languages) | ({"en"} if cfg.include_english else set())
     rows = [
@@ -72,10 +72,11 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
         processing_class=tok,
         peft_config=peft_config(cfg.lora, "CAUSAL_LM"),
     )
-    stats = train_resumable(trainer, ckpt_dir)
-    trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
-    tok.save_pretrained(str(out.path("model")))
-    drop_checkpoints(ckpt_dir)
+    def save() -> None:
+        trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
+        tok.save_pretrained(str(out.path("model")))
+
+    stats = train_resumable(trainer, ckpt_dir, save)
     per_lang: dict[str, int] = {}
     for r in rows:
         per_lang[r["lang"]] = per_lang.get(r["lang"], 0) + 1

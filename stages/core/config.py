@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 _RUNTIME = "polyalign_runtime"
 _MODEL_REF = "polyalign_model_ref"
+_DATA_FILE = "polyalign_data_file"
 
 
 def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
@@ -28,6 +29,14 @@ def model_field(description: str, default: Any = ..., **kwargs: Any) -> Any:
     return Field(default, description=description, json_schema_extra={_MODEL_REF: True}, **kwargs)
 
 
+def data_file_field(builtin: str, description: str) -> Any:
+    """A field naming a data file, or 'builtin' for the file `builtin` shipped in stages/data.
+
+    The fingerprint hashes the file's *content*, so editing the file invalidates the cache.
+    """
+    return Field("builtin", description=description, json_schema_extra={_DATA_FILE: builtin})
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: strict keys, validated on assignment."""
 
@@ -38,6 +47,18 @@ class StageConfig(BaseModel):
         refs: dict[str, str] = {}
         _walk_refs(self, "", refs)
         return refs
+
+    def data_files(self) -> dict[str, str]:
+        """Map of field name -> resolved path of every data-file field (top level only)."""
+        from polyalign.stages.core.io import builtin
+
+        files = {}
+        for name in type(self).model_fields:
+            shipped = _extra(self, name).get(_DATA_FILE)
+            if shipped:
+                value = getattr(self, name)
+                files[name] = str(builtin(shipped)) if value == "builtin" else value
+        return files
 
     def semantic_dict(self) -> dict[str, Any]:
         """The config as plain data, runtime-only fields removed (what the fingerprint sees)."""
@@ -64,8 +85,8 @@ def _semantic(model: BaseModel) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for name in type(model).model_fields:
         extra = _extra(model, name)
-        if extra.get(_RUNTIME) or extra.get(_MODEL_REF):
-            continue  # model references enter the fingerprint as identities, not names
+        if extra.get(_RUNTIME) or extra.get(_MODEL_REF) or extra.get(_DATA_FILE):
+            continue  # models and data files enter the fingerprint as identities / digests
         value = getattr(model, name)
         data[name] = _semantic(value) if isinstance(value, BaseModel) else value
     return data

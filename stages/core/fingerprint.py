@@ -51,6 +51,7 @@ def stage_fingerprint(
     semantic_config: dict[str, Any],
     inputs: dict[str, str],
     models: dict[str, str],
+    files: dict[str, str] | None = None,
 ) -> str:
     """The cache key of one stage run (see DESIGN.md, "Artifacts, caching, resume")."""
     return fingerprint(
@@ -60,6 +61,7 @@ def stage_fingerprint(
             "config": semantic_config,
             "inputs": inputs,
             "models": models,
+            "files": files or {},
         }
     )
 

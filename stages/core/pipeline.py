@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from polyalign.stages import REGISTRY, load_stage
 from polyalign.stages.core.config import StageConfig
 from polyalign.stages.core.errors import ConfigError
-from polyalign.stages.core.fingerprint import UnhashableError, stage_fingerprint
+from polyalign.stages.core.fingerprint import UnhashableError, file_digest, stage_fingerprint
 from polyalign.stages.core.models import ModelSpec, check_available, identity, models_dir
 from polyalign.stages.core.store import STORE_ENV, Store
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class PipelineHeader(BaseModel):
@@ -90,6 +94,8 @@ def validation_message(prefix: str, exc: ValidationError, known: list[str] | Non
     if err["type"] == "missing":
         return f"{where}: required field is missing"
     value = err.get("input")
+    if err["type"] == "value_error":  # our own validators already name the value
+        return f"{where}: {err['msg'].removeprefix('Value error, ')}"
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
     return f"{where}: {err['msg']}{shown}"
 
@@ -168,6 +174,7 @@ class Pipeline:
                         semantic_config=node.config.semantic_dict(),
                         inputs={k: fps[v] for k, v in node.inputs.items()},
                         models=self.model_identities(node),
+                        files={k: file_digest(v) for k, v in node.config.data_files().items()},
                     )
                 except UnhashableError as exc:
                     raise ConfigError(f"stages.{name}: {exc}") from exc
@@ -261,8 +268,10 @@ def load_pipeline(
         entry = header.stages[name]
         where = f"stages.{name}"
         entry = dict(entry)
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}: stage names are lowercase letters, digits and '_' (got {name!r})")
         stage_type = entry.pop("stage", name)
-        if stage_type not in REGISTRY:
+        if not isinstance(stage_type, str) or stage_type not in REGISTRY:
             close = difflib.get_close_matches(str(stage_type), list(REGISTRY), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(REGISTRY)})"
             raise ConfigError(f"{where}: unknown stage type {stage_type!r}{hint}")
@@ -272,6 +281,8 @@ def load_pipeline(
             raise ConfigError(f"{where}.inputs: expected a mapping of input name -> stage name")
         declared = dict(module.INPUTS) | dict(getattr(module, "OPTIONAL_INPUTS", {}))
         for input_name, upstream in inputs.items():
+            if not isinstance(upstream, str):
+                raise ConfigError(f"{where}.inputs.{input_name}: expected a stage name (got {upstream!r})")
             if input_name not in declared:
                 raise ConfigError(
                     f"{where}.inputs.{input_name}: {stage_type} has no input {input_name!r} "
@@ -292,6 +303,11 @@ def load_pipeline(
             if model_name not in header.models:
                 defined = ", ".join(header.models) or "none"
                 raise ConfigError(f"{where}.{field_path}: unknown model {model_name!r} (defined: {defined})")
+        check_inputs = getattr(module, "check_inputs", None)
+        if check_inputs is not None:
+            problem = check_inputs(set(inputs))
+            if problem:
+                raise ConfigError(f"{where}.inputs: {problem}")
         nodes[name] = StageNode(name=name, type=stage_type, config=cfg, inputs=inputs, module=module)
 
     root = models_dir(header.models_dir)

@@ -131,10 +131,22 @@ def run_unit(pipeline: Pipeline, stage: str, unit: str) -> None:
 
 
 def finish(pipeline: Pipeline, stage: str) -> Artifact:
-    """Complete a stage whose units are done (or run a single-task stage) and commit it."""
-    hit = cached(pipeline, stage)
-    if hit is not None:
-        return hit
+    """Complete a stage whose units are done (or run a single-task stage) and commit it.
+
+    Holds the artifact's lock, so two processes (a CLI run and a retry from the UI, say)
+    never commit the same artifact twice.
+    """
+    fp = pipeline.fingerprints()[stage]
+    with pipeline.store.lock(stage, fp):
+        hit = cached(pipeline, stage)
+        if hit is not None:
+            return hit
+        if pipeline.store.promote_partial(stage, fp):
+            return pipeline.store.open(stage, fp)
+        return _finish_locked(pipeline, stage)
+
+
+def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
     node, inputs, writer = _prepare(pipeline, stage)
     start = time.perf_counter()
     unit_dir = writer.dir / "_units"

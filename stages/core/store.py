@@ -8,6 +8,7 @@ missing, unreadable, or disagrees with the files on disk is never taken as compl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -164,11 +165,8 @@ class Store:
                 return "cached"
             except CorruptArtifactError:
                 return "corrupt"
-        partial = self.partial_dir(stage, fp)
-        if partial.exists():
-            if (partial / MANIFEST).exists():
-                return "partial"  # crashed between manifest and rename; the runner promotes it
-            return "partial"
+        if self.partial_dir(stage, fp).exists():
+            return "partial"  # (one with a valid manifest is promoted by the next run)
         return "missing"
 
     def size(self, stage: str, fp: str) -> int:
@@ -198,11 +196,52 @@ class Store:
                 raise CorruptArtifactError(f"{final}: file {rel} does not match its sha256")
         return Artifact(final, manifest)
 
-    def writer(self, stage: str, fp: str) -> ArtifactWriter:
+    def promote_partial(self, stage: str, fp: str) -> bool:
+        """Finish a commit cut off between the manifest write and the rename.
+
+        Returns True when the partial folder held a manifest that matches its files and is
+        now the final artifact; a stale manifest is removed so the commit is redone.
+        """
         partial = self.partial_dir(stage, fp)
-        if (partial / MANIFEST).exists():
-            # the manifest was written but the rename did not happen: redo the commit cleanly
-            (partial / MANIFEST).unlink()
+        mpath = partial / MANIFEST
+        if not mpath.exists():
+            return False
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            ok = manifest.get("fingerprint") == fp and all(
+                (partial / rel).is_file() and (partial / rel).stat().st_size == meta["size"]
+                for rel, meta in manifest.get("files", {}).items()
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            mpath.unlink(missing_ok=True)
+            return False
+        final = self.final_dir(stage, fp)
+        if final.exists():
+            final.rename(final.with_name(f"{final.name}.corrupt-{int(time.time())}"))
+        os.replace(partial, final)
+        return True
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, fp: str) -> Iterator[None]:
+        """An exclusive inter-process lock on one artifact (held while committing)."""
+        path = self.root / stage / f"{fp}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            try:
+                import fcntl
+            except ImportError:  # not POSIX: no inter-process lock
+                yield
+                return
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def writer(self, stage: str, fp: str) -> ArtifactWriter:
+        (self.partial_dir(stage, fp) / MANIFEST).unlink(missing_ok=True)  # a stale, unpromoted one
         return ArtifactWriter(self, stage, fp)
 
     def discard_partial(self, stage: str, fp: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -102,27 +103,41 @@ def last_checkpoint(output_dir: Path) -> str | None:
     for d in output_dir.glob("checkpoint-*"):
         if not d.is_dir() or not d.name.split("-")[-1].isdigit():
             continue
-        if (d / "trainer_state.json").is_file():
+        try:  # the Trainer writes trainer_state.json last, but not atomically
+            json.loads((d / "trainer_state.json").read_text())
             complete.append(d)
-        else:
+        except (OSError, ValueError):
             shutil.rmtree(d, ignore_errors=True)
     if not complete:
         return None
     return str(max(complete, key=lambda d: int(d.name.split("-")[-1])))
 
 
-def train_resumable(trainer: Any, output_dir: Path) -> dict[str, Any]:
-    """Train, resuming from the last checkpoint in `output_dir`; returns training metrics."""
+DONE = "train_result.json"
+
+
+def train_resumable(trainer: Any, output_dir: Path, save: Any) -> dict[str, Any]:
+    """Train, resuming from the last checkpoint in `output_dir`, then `save()` the model.
+
+    The saved model and its statistics are marked done (`train_result.json` next to
+    `output_dir`) before the checkpoints are removed, so a crash at any point after training
+    never trains again, and a crash before it resumes from the newest checkpoint.
+    """
+    done = output_dir.parent / DONE
+    if done.exists():
+        print(f"[train] already trained; reusing {done.parent / 'model'}")
+        return json.loads(done.read_text())
     ckpt = last_checkpoint(output_dir)
     resumed_step = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     if ckpt:
         print(f"[train] resuming from {ckpt}")
     result = trainer.train(resume_from_checkpoint=ckpt)
+    save()
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    return {
+    stats = {
         "global_step": state.global_step,
         "resumed_from_step": resumed_step,
         "train_loss": result.training_loss,
@@ -133,10 +148,11 @@ def train_resumable(trainer: Any, output_dir: Path) -> dict[str, Any]:
         "tokens": int(getattr(state, "num_input_tokens_seen", 0) or 0),
         "log_history": state.log_history,
     }
-
-
-def drop_checkpoints(output_dir: Path) -> None:
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(stats))
+    tmp.replace(done)
     shutil.rmtree(output_dir, ignore_errors=True)
+    return stats
 
 
 def user_message(record: dict[str, Any]) -> str:

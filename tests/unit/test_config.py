@@ -79,6 +79,11 @@ BAD = {
     "unknown model": (lambda r: r["stages"]["sft"].update(model="basis"), "stages.sft.model: unknown model 'basis'"),
     "bad input edge": (lambda r: r["stages"]["sft"].update(inputs={"data": "nothing"}), "stages.sft.inputs.data: 'nothing' is not a stage"),
     "cycle": (lambda r: r["stages"]["self_instruct"].update(inputs={"data": "translate"}), "cycle"),
+    "missing seed file": (lambda r: r["stages"]["self_instruct"].update(seed_tasks="/no/seeds.jsonl"), "stages.self_instruct.seed_tasks: seed tasks file '/no/seeds.jsonl' does not exist"),
+    "aligned without sft": (lambda r: r["stages"]["evaluate"].update(inputs={"aligned": "align"}), "stages.evaluate.inputs: input 'aligned' needs input 'sft' too"),
+    "list as stage type": (lambda r: r["stages"]["sft"].update(stage=["sft"]), "stages.sft: unknown stage type ['sft']"),
+    "list as input": (lambda r: r["stages"]["sft"].update(inputs={"data": ["translate"]}), "stages.sft.inputs.data: expected a stage name"),
+    "bad stage name": (lambda r: r["stages"].update({"My Stage": {"stage": "sft"}}), "stages.My Stage: stage names are lowercase"),
     "unknown language": (lambda r: r.update(languages=["fr", "xx"]), "unknown language code(s) xx"),
     "top-level typo": (lambda r: r.update(langauges=["fr"]), "langauges: unknown key 'langauges' (did you mean 'languages'?)"),
 }
@@ -110,6 +115,18 @@ def test_cli_bad_override_and_unknown_stage_name():
     assert proc.returncode == 2 and "unknown stage 'sftt'" in proc.stderr
     proc = cli("validate", "configs/missing.yaml")
     assert proc.returncode == 2 and "configs/missing.yaml: config file not found" in proc.stderr
+
+
+def test_malformed_data_files_are_config_errors(tmp_path):
+    bad = tmp_path / "bench.jsonl"
+    bad.write_text('{"id": "a", "lang": "fr", "question": "?", "choices": ["x"], "answer": 0}\n')
+    proc = cli("validate", str(TINY), "--set", f"evaluate.benchmark={bad}")
+    assert proc.returncode == 2
+    assert f"stages.evaluate.benchmark: {bad}: row 1: field 'choices' needs at least two" in proc.stderr
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "x", "instances": []}\nnot json\n')
+    proc = cli("validate", str(TINY), "--set", f"self_instruct.seed_tasks={seeds}")
+    assert proc.returncode == 2 and f"{seeds}:2: invalid JSON" in proc.stderr
 
 
 def test_overrides_apply_to_stage_and_top_level():

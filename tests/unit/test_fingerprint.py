@@ -56,3 +56,16 @@ def test_renaming_a_model_entry_keeps_fingerprints(tmp_path):
     renamed = tmp_path / "renamed.yaml"
     renamed.write_text(text)
     assert load_pipeline(renamed).fingerprints() == fps()
+
+
+def test_data_file_content_is_part_of_the_fingerprint(tmp_path):
+    from polyalign.stages.core.io import builtin
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(builtin("seed_tasks.jsonl").read_text())
+    same = fps(f"self_instruct.seed_tasks={seeds}")
+    assert same == fps()  # the same content as the shipped file: the same key
+    seeds.write_text(seeds.read_text().replace("thank-you", "thank you", 1))
+    edited = fps(f"self_instruct.seed_tasks={seeds}")
+    assert edited["self_instruct"] != same["self_instruct"]
+    assert edited["evaluate"] != same["evaluate"]  # descendants follow

@@ -74,11 +74,21 @@ def test_recommit_replaces_a_corrupt_leftover(tmp_path):
     assert any(p.name.startswith("f" * 64 + ".corrupt-") for p in (tmp_path / "s").iterdir())
 
 
-def test_crash_between_manifest_and_rename_is_redone(tmp_path):
+def test_crash_between_manifest_and_rename_is_promoted(tmp_path):
+    store = Store(tmp_path)
+    art = make(store).commit({"stage": "s"})
+    # as if the process died after writing the manifest but before the rename
+    os.replace(art.path, store.partial_dir("s", art.fingerprint))
+    assert store.state("s", art.fingerprint) == "partial"
+    assert store.promote_partial("s", art.fingerprint)
+    assert store.state("s", art.fingerprint) == "cached"
+
+
+def test_stale_partial_manifest_is_not_promoted(tmp_path):
     store = Store(tmp_path)
     w = make(store)
-    (w.dir / MANIFEST).write_text("{}")  # as if the process died right after writing it
-    assert store.state("s", w.fingerprint) == "partial"
+    (w.dir / MANIFEST).write_text("{}")
+    assert not store.promote_partial("s", w.fingerprint)
     w2 = store.writer("s", w.fingerprint)
     assert not (w2.dir / MANIFEST).exists()
     assert w2.exists("data/00000.jsonl")  # finished work is kept
