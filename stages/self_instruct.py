@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from polyalign.stages.core.config import StageConfig, data_file_field, model_field
 
-VERSION = "2"
+VERSION = "3"
 INPUTS: dict[str, str] = {}
 DATASET = True
 
@@ -217,6 +217,12 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001 - see stages/core/run
             else:
                 survivors.append((cid, text))
 
+        # instances are the expensive part: write them only for as many survivors as the
+        # target still needs; the others go to quarantine with that reason
+        need = cfg.num_instructions - len(kept)
+        for cid, text in survivors[need:]:
+            quarantine.append({"id": cid, "instruction": text, "reason": "surplus: target already reached"})
+        survivors = survivors[:need]
         shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
         inst_prompts = []
         for _, text in survivors:

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
-VERSION = "2"
+VERSION = "3"
 INPUTS = {"data": "English instruction records (self_instruct)"}
 DATASET = True
 FIELDS = ("instruction", "input", "output")
@@ -104,10 +104,20 @@ def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
         shard = records[k * cfg.shard_size : (k + 1) * cfg.shard_size]
         jobs = [(i, f) for i, r in enumerate(shard) for f in FIELDS if r.get(f, "").strip()]
         lm.tokens_in = lm.tokens_out = 0
-        outputs = lm.generate([_prompt(shard[i][f], lang, shots) for i, f in jobs], params, stop=stop)
         translated: list[dict] = [dict.fromkeys(FIELDS, "") for _ in shard]
-        for (i, f), gen in zip(jobs, outputs):
-            translated[i][f] = gen[0]
+        # a one-line source gets a one-line translation: stopping at the newline cuts the
+        # repetitions small models fall into
+        for one_line in (True, False):
+            group = [(i, f) for i, f in jobs if ("\n" not in shard[i][f].strip()) == one_line]
+            if not group:
+                continue
+            outputs = lm.generate(
+                [_prompt(shard[i][f], lang, shots) for i, f in group],
+                params,
+                stop=stop + (["\n"] if one_line else []),
+            )
+            for (i, f), gen in zip(group, outputs):
+                translated[i][f] = gen[0]
         kept, quarantined = [], []
         for src, tgt in zip(shard, translated):
             row = {
