@@ -150,3 +150,30 @@ def test_help_is_fast_and_light():
     )
     assert proc.returncode == 0, proc.stderr
     assert time.perf_counter() - start < 5  # generous on a loaded CI box; ~0.3 s here
+
+
+def test_status_and_validate_load_neither_torch_nor_prefect(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from polyalign.cli import app\n"
+        f"sys.argv = ['polyalign', 'status', {str(TINY)!r}, '--json', '--store', {str(tmp_path)!r}]\n"
+        "try:\n    app()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'prefect', 'transformers', 'trl') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert '"state": "missing"' in proc.stdout
+
+
+def test_models_prepare_builds_the_tiny_models(models_dir):
+    proc = cli("models", "prepare", str(TINY), check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["teacher", "base"]
+    for line in lines:
+        folder = Path(line.split(": ", 1)[1])
+        assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+        assert folder.parent == models_dir
