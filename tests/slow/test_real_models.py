@@ -40,16 +40,22 @@ def test_smollm2_answers_a_simple_question():
 
 
 def test_gemma_few_shot_translation_into_french():
+    import re
+
     from polyalign.stages.core.generation import LocalLM, SamplingParams
     from polyalign.stages.translate import _prompt, _shots
 
     model, tok = cached_lm(_prepared("gemma3-270m"))
-    lm = LocalLM(model, tok, batch_size=2, progress=False)
-    src = "The cat is sleeping on the chair."
-    out = lm.generate([_prompt(src, "fr", _shots("fr", 3))], SamplingParams(32), stop=["\nEnglish:", "\nFrench:", "\n\n"])
-    text = out[0][0].lower()
-    assert text and text != src.lower()
-    assert any(word in text for word in ("chat", "chaise", "dort"))
+    lm = LocalLM(model, tok, batch_size=3, progress=False)
+    sources = ["The cat is sleeping on the chair.", "Good morning, my friend.", "Please write a short poem about the sea."]
+    outs = lm.generate([_prompt(s, "fr", _shots("fr", 3)) for s in sources], SamplingParams(32), stop=["\nEnglish:", "\nFrench:", "\n"])
+    french = {"le", "la", "les", "de", "du", "des", "un", "une", "mon", "est", "sur", "bonjour"}
+    hits = 0
+    for src, out in zip(sources, outs):
+        text = out[0]
+        assert text and text.lower() != src.lower()
+        hits += bool(french & set(re.findall(r"\w+", text.lower())))
+    assert hits >= 2, outs  # a 270M base model: mostly, not always, French
 
 
 def test_self_instruct_with_smollm2_writes_parsed_instances(tmp_path):
