@@ -18,7 +18,6 @@ from polyalign.stages.core.training import PeftSettings, TrainSettings
 VERSION = "1"
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
 OPTIONAL_INPUTS = {"reward_model": "reward model adapter (reward_model); used by online methods"}
-DATASET = False
 
 
 class Config(StageConfig):

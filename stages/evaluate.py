@@ -21,7 +21,6 @@ from polyalign.stages.core.languages import check_languages
 VERSION = "1"
 INPUTS: dict[str, str] = {}
 OPTIONAL_INPUTS = {"sft": "the SFT adapter (sft)", "aligned": "the aligned adapter (align)"}
-DATASET = False
 MC_FIELDS = {"id": str, "lang": str, "question": str, "choices": list, "answer": int}
 
 

@@ -23,7 +23,6 @@ INPUTS = {
     "data": "instruction records with a heldout split (translate)",
     "policy": "the SFT adapter (sft)",
 }
-DATASET = True
 
 JUDGE_TEMPLATE = (
     "You are grading a response written by an assistant. The instruction and the response "

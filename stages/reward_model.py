@@ -14,7 +14,6 @@ from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "1"
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
-DATASET = False
 
 
 class Config(StageConfig):

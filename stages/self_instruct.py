@@ -23,7 +23,6 @@ from polyalign.stages.core.config import StageConfig, data_file_field, model_fie
 
 VERSION = "3"
 INPUTS: dict[str, str] = {}
-DATASET = True
 
 # Self-Instruct's filter list: tasks a text-only model cannot do.
 DEFAULT_BLOCKLIST = [

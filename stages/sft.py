@@ -15,7 +15,6 @@ from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "1"
 INPUTS = {"data": "instruction records in every language (translate)"}
-DATASET = False
 
 
 class Config(StageConfig):

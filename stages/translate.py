@@ -19,7 +19,6 @@ from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
 VERSION = "3"
 INPUTS = {"data": "English instruction records (self_instruct)"}
-DATASET = True
 FIELDS = ("instruction", "input", "output")
 
 

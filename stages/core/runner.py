@@ -1,7 +1,7 @@
 """Run one stage of a pipeline against the store: cache check, inputs, metrics, commit.
 
-Used identically by the CLI (`polyalign stage`, `polyalign run` without Prefect) and by the
-Prefect tasks in `flows/`. Fan-out stages (per-language work) expose `units(cfg)`,
+Used identically by the CLI (`polyalign stage`, without Prefect) and by the Prefect tasks in
+`flows/`. Fan-out stages (per-language work) expose `units(cfg)`,
 `run_unit(cfg, inputs, out, unit)` and `finish(cfg, inputs, out)`; the flow runs the units as
 concurrent tasks, and `run_stage` runs them one after another.
 """
@@ -9,6 +9,7 @@ concurrent tasks, and `run_stage` runs them one after another.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import threading
@@ -161,13 +162,12 @@ def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
     wall = time.perf_counter() - start
     unit_stats = []
     if unit_dir.exists():
-        import json
-
         unit_stats = [json.loads(p.read_text()) for p in sorted(unit_dir.glob("*.json"))]
     m = writer.metrics
+    # wall time of the work: the finish step plus every unit (units may have run concurrently)
     m["wall_seconds"] = round(wall + sum(u.get("wall_seconds", 0) for u in unit_stats), 3)
     m["peak_rss_bytes"] = max([mem.peak] + [u.get("peak_rss_bytes", 0) for u in unit_stats])
-    m["tokens"] = int(m.get("tokens", 0)) + sum(int(u.get("tokens", 0)) for u in unit_stats)
+    m["tokens"] = int(m.get("tokens", 0))  # each stage counts its own, units included
     _cuda_peak(writer)
     if writer.card is not None:
         writer.write_text("README.md", writer.card)

@@ -246,12 +246,3 @@ class Store:
 
     def discard_partial(self, stage: str, fp: str) -> None:
         shutil.rmtree(self.partial_dir(stage, fp), ignore_errors=True)
-
-    def iter_artifacts(self) -> Iterator[tuple[str, str]]:
-        if not self.root.exists():
-            return
-        for stage_dir in sorted(self.root.iterdir()):
-            if stage_dir.is_dir():
-                for d in sorted(stage_dir.iterdir()):
-                    if d.is_dir() and (d / MANIFEST).exists() and "." not in d.name:
-                        yield stage_dir.name, d.name
