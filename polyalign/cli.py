@@ -56,6 +56,13 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     pipe = _load(config, set_, None)
     pipe.fingerprints()
     typer.echo(f"{config}: valid pipeline {pipe.name!r} with stages {', '.join(pipe.order)}")
+    for name, spec in pipe.header.models.items():
+        if spec.hub is not None and spec.revision is None:
+            typer.echo(
+                f"warning: models.{name}: hub model {spec.hub!r} has no revision; the cache key "
+                "follows the branch name, so pin a commit for reproducible runs",
+                err=True,
+            )
 
 
 @app.command()
@@ -102,14 +109,18 @@ def run(
     set_: SetOpt = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage.")] = None,
     store: StoreOpt = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Fan-out tasks (languages) run at once.")] = 2,
 ) -> None:
     """Run the pipeline as a Prefect flow, resuming from the store."""
     pipe = _load(config, set_, store)
     if until is not None and until not in pipe.nodes:
         _fail(f"--until: unknown stage {until!r} (stages: {', '.join(pipe.order)})")
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from polyalign.flows.pipeline import polyalign_flow
 
-    state = polyalign_flow(config, list(set_ or []), until, store, return_state=True)
+    flow = polyalign_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
+    state = flow(config, list(set_ or []), until, store, return_state=True)
     if not state.is_completed():
         from polyalign.stages.core.errors import UserError
 
