@@ -20,6 +20,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,13 +81,33 @@ def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
     return ".".join(parts).replace(".[", "[")
 
 
-def validation_message(prefix: str, exc: ValidationError, known: list[str] | None = None) -> str:
+def _fields_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) config model that `loc` points into."""
+    ann: Any = model_cls
+    for key in loc:
+        if typing.get_origin(ann) is dict:  # e.g. models: dict[str, ModelSpec]; key is a name
+            ann = typing.get_args(ann)[1]
+            continue
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)) or str(key) not in ann.model_fields:
+            return []
+        ann = ann.model_fields[str(key)].annotation
+        # unwrap `X | None`
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
+            ann = args[0]
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return list(ann.model_fields)
+    return []
+
+
+def validation_message(prefix: str, exc: ValidationError, model_cls: type[BaseModel] | None = None) -> str:
     """One line naming the first offending field of a pydantic error."""
     err = exc.errors()[0]
     where = _format_loc(prefix, err["loc"])
     if err["type"] == "extra_forbidden":
         bad = str(err["loc"][-1])
         msg = f"{where}: unknown key {bad!r}"
+        known = _fields_at(model_cls, err["loc"][:-1]) if model_cls else []
         if known:
             close = difflib.get_close_matches(bad, known, n=1)
             if close:
@@ -261,7 +283,7 @@ def load_pipeline(
     try:
         header = PipelineHeader.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(validation_message("", exc, list(PipelineHeader.model_fields))) from exc
+        raise ConfigError(validation_message("", exc, PipelineHeader)) from exc
 
     nodes: dict[str, StageNode] = {}
     for name in _topological(header.stages):
@@ -298,7 +320,7 @@ def load_pipeline(
         try:
             cfg = module.Config.model_validate(entry)
         except ValidationError as exc:
-            raise ConfigError(validation_message(where, exc, list(module.Config.model_fields))) from exc
+            raise ConfigError(validation_message(where, exc, module.Config)) from exc
         for field_path, model_name in cfg.model_refs().items():
             if model_name not in header.models:
                 defined = ", ".join(header.models) or "none"

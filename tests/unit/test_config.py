@@ -72,7 +72,8 @@ def write(tmp_path: Path, mutate) -> Path:
 
 
 BAD = {
-    "unknown key": (lambda r: r["stages"]["sft"]["lora"].update(rank=8), "stages.sft.lora.rank: unknown key 'rank'"),
+    "unknown key": (lambda r: r["stages"]["sft"]["lora"].update(alhpa=8), "stages.sft.lora.alhpa: unknown key 'alhpa' (did you mean 'alpha'?)"),
+    "unknown nested model key": (lambda r: r["models"]["base"]["tiny"].update(hiden_size=8), "models.base.tiny.hiden_size: unknown key 'hiden_size' (did you mean 'hidden_size'?)"),
     "wrong type": (lambda r: r["stages"]["sft"]["train"].update(max_steps="many"), "stages.sft.train.max_steps"),
     "missing model path": (lambda r: r["models"].update(base={"path": "/nowhere/model"}), "models.base.path: model folder '/nowhere/model' does not exist"),
     "unknown stage": (lambda r: r["stages"].update(sftt={"model": "base"}), "stages.sftt: unknown stage type 'sftt' (did you mean 'sft'?)"),
