@@ -27,7 +27,7 @@ def _artifact_key(pipeline: Pipeline, stage: str) -> str:
     return "".join(c if c.isalnum() or c == "-" else "-" for c in raw)
 
 
-def _stage_markdown(pipeline: Pipeline, stage: str, art: Any, was_cached: bool) -> str:
+def _stage_markdown(stage: str, art: Any, was_cached: bool) -> str:
     m = art.metrics
     card = art.path / "README.md"
     lines = [
@@ -54,7 +54,7 @@ def stage_task(config: str, overrides: list[str], store: str | None, stage: str)
     if hit is not None:
         return Completed(name="Cached", message=f"{stage}: reused artifact {hit.fingerprint[:12]}", data=hit.manifest.get("summary", ""))
     art = runner.finish(pipeline, stage)
-    create_markdown_artifact(key=_artifact_key(pipeline, stage), markdown=_stage_markdown(pipeline, stage, art, False), description=f"polyalign stage {stage}")
+    create_markdown_artifact(key=_artifact_key(pipeline, stage), markdown=_stage_markdown(stage, art, False), description=f"polyalign stage {stage}")
     return art.manifest.get("summary", "")
 
 
@@ -66,7 +66,7 @@ def unit_task(config: str, overrides: list[str], store: str | None, stage: str, 
 
 
 class UnitsFailed(RuntimeError):
-    pass
+    """Some fan-out units of a stage failed; the finished ones are kept in the partial folder."""
 
 
 @flow(name="polyalign", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=2))

@@ -171,7 +171,7 @@ def models_prepare(
     try:
         if config:
             pipe = _load(config, set_, None)
-            specs = {n: s for n, s in pipe.header.models.items()}
+            specs = dict(pipe.header.models)
             root = pipe.models_root
         else:
             specs = {n: ModelSpec(prepared=n) for n in PREPARED_RECIPES}
