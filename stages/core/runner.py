@@ -21,7 +21,7 @@ from polyalign import __version__
 from polyalign.stages.core.errors import MissingInputError
 from polyalign.stages.core.models import ensure_model, release_models
 from polyalign.stages.core.pipeline import Pipeline
-from polyalign.stages.core.store import Artifact, ArtifactWriter
+from polyalign.stages.core.store import Artifact, ArtifactWriter, CorruptArtifactError
 
 
 class Inputs:
@@ -34,14 +34,15 @@ class Inputs:
         fps = pipeline.fingerprints()
         self.artifacts: dict[str, Artifact] = {}
         for input_name, upstream in node.inputs.items():
-            state = pipeline.store.state(upstream, fps[upstream])
-            if state != "cached":
+            art = cached(pipeline, upstream)
+            if art is None:
+                state = pipeline.store.state(upstream, fps[upstream])
                 raise MissingInputError(
                     f"stage {stage!r} needs input {input_name!r} from stage {upstream!r}, which is "
                     f"{state} in the store ({pipeline.store.root}); run `polyalign run "
                     f"{pipeline.source} --until {upstream}` first"
                 )
-            self.artifacts[input_name] = pipeline.store.open(upstream, fps[upstream])
+            self.artifacts[input_name] = art
 
     def __getitem__(self, name: str) -> Artifact:
         return self.artifacts[name]
@@ -96,10 +97,14 @@ def _prepare(pipeline: Pipeline, stage: str) -> tuple[Any, Inputs, ArtifactWrite
 
 
 def cached(pipeline: Pipeline, stage: str) -> Artifact | None:
+    """The complete, verified artifact of a stage, or None (one manifest read, no digests)."""
     fp = pipeline.fingerprints()[stage]
-    if pipeline.store.state(stage, fp) == "cached":
+    if not pipeline.store.final_dir(stage, fp).exists():
+        return None
+    try:
         return pipeline.store.open(stage, fp)
-    return None
+    except CorruptArtifactError:
+        return None
 
 
 def units(pipeline: Pipeline, stage: str) -> list[str] | None:
