@@ -1,10 +1,22 @@
-"""Multilingual multiple-choice evaluation by log-likelihood (acc and acc_norm per language).
+"""Evaluation: multilingual benchmarks by log-likelihood, translation and response quality.
 
-Each document becomes a context ("Question: ...\\nAnswer:") and one continuation per choice
-(" " + choice text). The prediction is the choice with the highest summed log-likelihood
-(acc) or the highest log-likelihood per character of the continuation (acc_norm), the
-definitions of lm-evaluation-harness and Okapi. The base model, the SFT model and the aligned
-model are scored side by side. Each language is a fan-out unit.
+Every pipeline stage is compared side by side: the base model, the base model with the SFT
+adapter and with the SFT + aligned adapters. Each language is a fan-out unit.
+
+1. Multiple-choice benchmarks (Okapi's m_arc, m_mmlu, m_hellaswag and the built-in mini
+   benchmark). A protocol preset (`okapi` or `lm-eval`, see `core/benchmarks.py`) decides
+   template, split, shots and shot sampling; any of them can be overridden per benchmark and
+   per language. Each choice is scored by the log-likelihood of " " + choice after the
+   context; acc takes the best sum, acc_norm the best sum per character of the choice.
+   Standard errors are those of a mean (n-1). A language without a file is reported and the
+   others still run.
+2. Translation test sets: the model translates source sentences (greedy, chat prompt);
+   sacrebleu BLEU and chrF++ against the references.
+3. Responses to held-out prompts: mean reward-model score (with a `reward_model` input) and
+   the judge's win rate of each stage against the base model (with a `judge` model).
+
+Outputs: results/{lang}.json per unit, predictions/, results.json, results.md (tables of
+languages x stages x metrics) and plots/{benchmark}.png.
 """
 
 from __future__ import annotations
@@ -12,67 +24,185 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from polyalign.stages.core.config import StageConfig, data_file_field, model_field, runtime_field
+from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
 
-VERSION = "1"
+VERSION = "2"
 INPUTS: dict[str, str] = {}
-OPTIONAL_INPUTS = {"sft": "the SFT adapter (sft)", "aligned": "the aligned adapter (align)"}
-MC_FIELDS = {"id": str, "lang": str, "question": str, "choices": list, "answer": int}
+OPTIONAL_INPUTS = {
+    "sft": "the SFT adapter (sft)",
+    "aligned": "the aligned adapter (align)",
+    "reward_model": "a reward model (reward_model) to score responses to held-out prompts",
+}
+STAGES = ("base", "sft", "aligned")
+Protocol = Literal["okapi", "lm-eval"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Overrides(_Strict):
+    """Settings of one benchmark for one language; unset fields keep the benchmark's."""
+
+    source: str | None = Field(None, description="File template or hf:name for this language.")
+    split: str | None = Field(None, description="Split evaluated.")
+    shot_split: str | None = Field(None, description="Split the shots are drawn from.")
+    shots: int | None = Field(None, ge=0, description="Number of in-context examples.")
+    template: str | None = Field(None, description="Prompt template (a name or a text with {question}).")
+    limit: int | None = Field(None, gt=0, description="Evaluate at most this many documents.")
+
+
+class Benchmark(Overrides):
+    """One multiple-choice benchmark. Unset fields come from the protocol preset."""
+
+    task: Literal["arc", "mmlu", "hellaswag", "mc"] = Field(
+        "mc", description="Row format and preset family: arc, mmlu, hellaswag (Okapi files) or mc (built-in)."
+    )
+    source: str | None = Field(
+        "builtin",
+        description="'builtin' (mini benchmark), a file path template with {lang} and {split} "
+        "(JSON array or JSONL), or 'hf:<dataset>[@revision]' (a Hugging Face dataset, config = language).",
+    )
+    protocol: Protocol | None = Field(None, description="okapi or lm-eval; default: the stage's `preset`.")
+    preprocess: bool | None = Field(None, description="Apply the HellaSwag text clean-up to questions and choices.")
+    shot_sampling: Literal["random", "fixed", "first_n"] | None = Field(
+        None,
+        description="random: shots drawn per document (both harnesses); fixed: one seeded draw "
+        "shared by all documents (its prefix is encoded once); first_n: the first shots of the split.",
+    )
+    seed: int | None = Field(None, description="Seed of the document shuffle and shot draws (okapi 42, lm-eval 1234).")
+    languages: dict[str, Overrides] = Field(default_factory=dict, description="Per-language overrides.")
+
+    @field_validator("template")
+    @classmethod
+    def _template_known(cls, value: str | None) -> str | None:
+        from polyalign.stages.core.benchmarks import TEMPLATES
+
+        if value is not None and value not in TEMPLATES and "{question}" not in value:
+            raise ValueError(f"template {value!r} is neither one of {', '.join(TEMPLATES)} nor a text with {{question}}")
+        return value
+
+
+class Translation(_Strict):
+    """A translation test set: one source and one reference file per language pair."""
+
+    source: str = Field("builtin", description="'builtin' (mini benchmark questions) or a file template with {src} and {lang}, one sentence per line.")
+    reference: str | None = Field(None, description="Reference file template with {src} and {lang}, one sentence per line.")
+    source_lang: str = Field("en", description="Language translated from.")
+    limit: int | None = Field(None, gt=0, description="Translate at most this many sentences per language.")
+    max_new_tokens: int = Field(96, gt=0, description="Token budget of one translation.")
+
+    @model_validator(mode="after")
+    def _reference_given(self) -> "Translation":
+        if self.source != "builtin" and not self.reference:
+            raise ValueError("reference: required when source is a file")
+        return self
+
+
+class Responses(_Strict):
+    """Responses to held-out prompts, scored by a reward model and compared by a judge."""
+
+    prompts: str = Field("builtin", description="'builtin' or a JSONL file with id, lang, prompt.")
+    judge: str | None = model_field("Judge model (name in `models:`) for win rates against base.", default=None)
+    limit: int | None = Field(None, gt=0, description="At most this many prompts per language.")
+    max_new_tokens: int = Field(128, gt=0, description="Token budget of one response.")
 
 
 class Config(StageConfig):
     model: str = model_field("Base model (name in `models:`); adapters come from the inputs.")
-    benchmark: str = data_file_field(
-        "mini_mc.jsonl", "Multiple-choice JSONL (id, lang, question, choices, answer) or 'builtin'."
-    )
     languages: list[str] = Field(..., min_length=1, description="Languages to evaluate.")
-    limit: int | None = Field(None, gt=0, description="Evaluate at most this many documents per language.")
+    preset: Protocol = Field("okapi", description="Default protocol of the benchmarks: okapi or lm-eval.")
+    benchmarks: dict[str, Benchmark] = Field(
+        default_factory=lambda: {"mini_mc": Benchmark()},
+        description="Multiple-choice benchmarks by name (default: the built-in mini benchmark).",
+    )
+    limit: int | None = Field(None, gt=0, description="Default cap on documents per benchmark and language.")
     include_base: bool = Field(True, description="Also score the base model without adapters.")
-    batch_size: int = runtime_field(16, "Continuations scored per forward pass.", gt=0)
+    add_special_tokens: bool = Field(
+        True, description="Tokenize requests with the tokenizer's default special tokens (BOS for Llama, Gemma), as lm-eval does."
+    )
+    translation: Translation | None = Field(None, description="Translation test set (BLEU, chrF++).")
+    responses: Responses | None = Field(None, description="Held-out prompts for reward-model scores and judge win rates.")
+    batch_size: int = runtime_field(16, "Documents per forward pass.", gt=0)
 
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
 
-    @field_validator("benchmark")
-    @classmethod
-    def _benchmark_is_valid(cls, value: str) -> str:
+    @model_validator(mode="after")
+    def _files_are_valid(self) -> "Config":
+        """Read every local benchmark file now: a malformed row is a config error, not a crash
+        after hours of training. Missing files are allowed (reported per language)."""
+        from polyalign.stages.core.benchmarks import load_rows
         from polyalign.stages.core.errors import UserError
 
-        if value != "builtin" and not Path(value).expanduser().is_file():
-            raise ValueError(f"benchmark file {value!r} does not exist")
-        try:  # read it now: a malformed row is a config error, not a crash after training
-            load_benchmark(value)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        for name, bench in self.benchmarks.items():
+            for lang in self.languages:
+                s = settings(self, name, lang)
+                for split in {s.split, s.shot_split} if s.shots else {s.split}:
+                    if s.source.startswith("hf:"):
+                        continue
+                    try:
+                        load_rows(s.task, s.source, lang, split)
+                    except FileNotFoundError:
+                        continue
+                    except UserError as exc:
+                        raise ValueError(f"benchmarks.{name}: {exc}") from None
+        return self
+
+    def data_files(self) -> dict[str, str]:
+        """Every local benchmark and test-set file: their content enters the fingerprint."""
+        from polyalign.stages.core.benchmarks import resolve_file
+
+        files: dict[str, str] = {}
+        for name in self.benchmarks:
+            for lang in self.languages:
+                s = settings(self, name, lang)
+                for split in sorted({s.split, s.shot_split} if s.shots else {s.split}):
+                    path = resolve_file(s.source, lang, split)
+                    if path is not None and path.is_file():
+                        files[f"benchmarks.{name}.{lang}.{split}"] = str(path)
+        if self.translation is not None:
+            for lang in self.languages:
+                for kind, path in _translation_files(self.translation, lang).items():
+                    if path.is_file():
+                        files[f"translation.{lang}.{kind}"] = str(path)
+        if self.responses is not None:
+            files["responses.prompts"] = str(_prompts_path(self.responses))
+        return files
+
+
+def settings(cfg: Config, name: str, lang: str) -> Any:
+    """The resolved settings of benchmark `name` in language `lang` (preset < benchmark < language)."""
+    from polyalign.stages.core.benchmarks import PRESETS, PROTOCOL_SEED, Settings
+
+    bench = cfg.benchmarks[name]
+    protocol = bench.protocol or cfg.preset
+    values: dict[str, Any] = dict(PRESETS[protocol][bench.task])
+    values.update(source=bench.source, limit=cfg.limit, seed=PROTOCOL_SEED[protocol], shot_sampling="random")
+    for layer in (bench, bench.languages.get(lang)):
+        if layer is None:
+            continue
+        for key in ("source", "split", "shot_split", "shots", "template", "limit", "preprocess", "shot_sampling", "seed"):
+            value = getattr(layer, key, None)
+            if value is not None:
+                values[key] = value
+    return Settings(task=bench.task, protocol=protocol, **values)
 
 
 def check_inputs(names: set[str]) -> str | None:
-    """The aligned adapter was trained on top of the SFT one: it cannot be applied alone."""
-    if "aligned" in names and "sft" not in names:
-        return "input 'aligned' needs input 'sft' too (the aligned adapter sits on the SFT model)"
+    """The aligned adapter and the reward model sit on the SFT model: they need it."""
+    for name in ("aligned", "reward_model"):
+        if name in names and "sft" not in names:
+            return f"input {name!r} needs input 'sft' too (it was trained on top of the SFT model)"
     return None
 
 
 def units(cfg: Config) -> list[str]:
     return list(cfg.languages)
-
-
-def load_benchmark(spec: str) -> list[dict]:
-    from polyalign.stages.core.errors import UserError
-    from polyalign.stages.core.io import builtin, read_jsonl_checked
-
-    path = builtin("mini_mc.jsonl") if spec == "builtin" else Path(spec)
-    rows = read_jsonl_checked(path, MC_FIELDS)
-    for i, row in enumerate(rows, 1):
-        if len(row["choices"]) < 2 or not all(isinstance(c, str) and c for c in row["choices"]):
-            raise UserError(f"{path}: row {i}: field 'choices' needs at least two non-empty strings")
-        if not 0 <= row["answer"] < len(row["choices"]):
-            raise UserError(f"{path}: row {i}: field 'answer' {row['answer']} is out of range")
-    return rows
 
 
 def _variants(cfg: Config, inputs) -> dict[str, list[str]]:  # noqa: ANN001
@@ -86,98 +216,361 @@ def _variants(cfg: Config, inputs) -> dict[str, list[str]]:  # noqa: ANN001
     return variants
 
 
-def score_documents(lm, docs: list[dict]) -> dict:  # noqa: ANN001
-    """acc / acc_norm and their standard errors for a list of MC documents."""
-    requests, spans = [], []
-    for doc in docs:
-        spans.append(len(requests))
-        context = f"Question: {doc['question']}\nAnswer:"
-        requests.extend((context, " " + c) for c in doc["choices"])
-    lls = [ll for ll, _ in lm.loglikelihood(requests)]
-    hits, hits_norm, preds = [], [], []
-    for doc, start in zip(docs, spans):
-        scores = lls[start : start + len(doc["choices"])]
-        normed = [s / len(" " + c) for s, c in zip(scores, doc["choices"])]
-        pred = max(range(len(scores)), key=scores.__getitem__)
-        pred_norm = max(range(len(normed)), key=normed.__getitem__)
-        hits.append(pred == doc["answer"])
-        hits_norm.append(pred_norm == doc["answer"])
-        preds.append({"id": doc["id"], "loglikelihoods": scores, "pred": pred, "pred_norm": pred_norm, "answer": doc["answer"]})
-    n = len(docs)
+# ---------------------------------------------------------------------------------------
+# multiple choice
 
-    def stderr(xs: list[bool]) -> float:
-        if n < 2:
-            return float("nan")
-        p = sum(xs) / n
-        return math.sqrt(p * (1 - p) / (n - 1))
 
+def evaluate_benchmark(scorer, s, lang: str) -> tuple[list, dict]:  # noqa: ANN001
+    """(documents, metrics incl. predictions) of one benchmark language with one model."""
+    from polyalign.stages.core.benchmarks import prepare
+    from polyalign.stages.core.scoring import mc_metrics
+
+    docs, contexts, prefix = prepare(s, lang)
+    lls = scorer.score(contexts, [[" " + c for c in d.choices] for d in docs], prefix, desc=f"{lang}")
+    return docs, mc_metrics(lls, docs)
+
+
+def _describe(s) -> dict:  # noqa: ANN001
+    return {k: getattr(s, k) for k in ("task", "protocol", "source", "split", "shot_split", "shots", "template", "shot_sampling", "seed", "limit")}
+
+
+# ---------------------------------------------------------------------------------------
+# translation and responses
+
+
+def _translation_files(t: Translation, lang: str) -> dict[str, Path]:
+    if t.source == "builtin":
+        from polyalign.stages.core.benchmarks import builtin_path
+
+        return {"builtin": builtin_path()}
+    assert t.reference is not None
     return {
-        "n": n,
-        "acc": sum(hits) / n,
-        "acc_stderr": stderr(hits),
-        "acc_norm": sum(hits_norm) / n,
-        "acc_norm_stderr": stderr(hits_norm),
-        "predictions": preds,
+        "source": Path(t.source.format(src=t.source_lang, lang=lang)).expanduser(),
+        "reference": Path(t.reference.format(src=t.source_lang, lang=lang)).expanduser(),
     }
 
 
+def translation_pairs(t: Translation, lang: str) -> list[tuple[str, str]]:
+    """(source, reference) sentence pairs; FileNotFoundError when the language has none."""
+    from polyalign.stages.core.errors import UserError
+
+    files = _translation_files(t, lang)
+    if "builtin" in files:
+        rows = [json.loads(x) for x in files["builtin"].read_text(encoding="utf-8").splitlines() if x.strip()]
+        src = {r["qid"]: r["question"] for r in rows if r["lang"] == t.source_lang}
+        pairs = [(src[r["qid"]], r["question"]) for r in rows if r["lang"] == lang and r["qid"] in src]
+    else:
+        for path in files.values():
+            if not path.is_file():
+                raise FileNotFoundError(str(path))
+        sources = files["source"].read_text(encoding="utf-8").splitlines()
+        refs = files["reference"].read_text(encoding="utf-8").splitlines()
+        if len(sources) != len(refs):
+            raise UserError(f"{files['reference']}: {len(refs)} lines, but {files['source']} has {len(sources)}")
+        pairs = list(zip(sources, refs))
+    if not pairs:
+        raise FileNotFoundError(f"no sentence pairs for {t.source_lang}-{lang}")
+    return pairs[: t.limit] if t.limit else pairs
+
+
+TRANSLATE_PROMPT = "Translate the following text from {src} into {tgt}. Reply with the translation only.\n\n{text}"
+
+
+def bleu_chrf(hyps: list[str], refs: list[str], lang: str) -> dict:
+    import sacrebleu
+
+    tokenize = "zh" if lang.startswith("zh") else ("char" if lang in ("ja", "ko", "th") else "13a")
+    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize=tokenize)
+    chrf = sacrebleu.corpus_chrf(hyps, [refs], word_order=2)
+    return {"n": len(hyps), "bleu": round(bleu.score, 4), "chrf++": round(chrf.score, 4), "bleu_tokenize": tokenize}
+
+
+def _prompts_path(r: Responses) -> Path:
+    from polyalign.stages.core.io import builtin
+
+    return builtin("heldout_prompts.jsonl") if r.prompts == "builtin" else Path(r.prompts).expanduser()
+
+
+def heldout_prompts(r: Responses, lang: str) -> list[dict]:
+    from polyalign.stages.core.io import read_jsonl_checked
+
+    rows = [x for x in read_jsonl_checked(_prompts_path(r), {"id": str, "lang": str, "prompt": str}) if x["lang"] == lang]
+    if not rows:
+        raise FileNotFoundError(f"{_prompts_path(r)} (no prompts for language {lang!r})")
+    return rows[: r.limit] if r.limit else rows
+
+
+# ---------------------------------------------------------------------------------------
+# the unit: one language
+
+
 def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
-    from polyalign.stages.core.generation import LocalLM
     from polyalign.stages.core.models import cached_lm
+    from polyalign.stages.core.scoring import ChoiceScorer
 
     if out.exists(f"results/{lang}.json"):
         return
-    docs = [d for d in load_benchmark(cfg.benchmark) if d["lang"] == lang]
-    if cfg.limit:
-        docs = docs[: cfg.limit]
-    result: dict = {"lang": lang, "n": len(docs), "models": {}}
-    tokens = 0
-    if docs:
-        path = inputs.model(cfg.model)
-        for name, adapters in _variants(cfg, inputs).items():
+    path = inputs.model(cfg.model)
+    variants = _variants(cfg, inputs)
+    result: dict[str, Any] = {"lang": lang, "benchmarks": {}, "tokens": 0}
+    for name in cfg.benchmarks:
+        s = settings(cfg, name, lang)
+        entry: dict[str, Any] = {"settings": _describe(s), "models": {}}
+        for variant, adapters in variants.items():
             model, tok = cached_lm(path, adapters, inputs.model_dtype(cfg.model))
-            lm = LocalLM(model, tok, cfg.batch_size, progress=False)
-            scored = score_documents(lm, docs)
-            out.write_jsonl(f"predictions/{lang}/{name}.jsonl", scored.pop("predictions"))
-            result["models"][name] = scored
-            tokens += lm.tokens
-    else:
-        result["note"] = f"no documents for language {lang!r} in the benchmark"
-    result["tokens"] = tokens
+            scorer = ChoiceScorer(model, tok, cfg.batch_size, add_special_tokens=cfg.add_special_tokens, progress=False)
+            try:
+                docs, metrics = evaluate_benchmark(scorer, s, lang)
+            except FileNotFoundError as exc:
+                entry = {"settings": _describe(s), "missing": f"no file for {lang}: {exc}"}
+                break
+            out.write_jsonl(f"predictions/{name}/{lang}/{variant}.jsonl", metrics.pop("predictions"))
+            metrics["scoring"] = dict(scorer.stats)
+            entry["models"][variant] = metrics
+            result["tokens"] += scorer.tokens
+        result["benchmarks"][name] = entry
+
+    if cfg.translation is not None:
+        result["translation"] = _translate_unit(cfg, inputs, out, lang, variants, path, result)
+    if cfg.responses is not None:
+        result["responses"] = _responses_unit(cfg, inputs, out, lang, variants, path, result)
     out.write_json(f"results/{lang}.json", result)
+
+
+def _translate_unit(cfg, inputs, out, lang, variants, path, result) -> dict:  # noqa: ANN001
+    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.languages import LANGUAGE_NAMES
+    from polyalign.stages.core.models import cached_lm
+
+    t = cfg.translation
+    if lang == t.source_lang:
+        return {"skipped": f"{lang} is the source language"}
+    try:
+        pairs = translation_pairs(t, lang)
+    except FileNotFoundError as exc:
+        return {"missing": f"no translation test set for {t.source_lang}-{lang}: {exc}"}
+    scores = {}
+    for variant, adapters in variants.items():
+        model, tok = cached_lm(path, adapters, inputs.model_dtype(cfg.model))
+        lm = LocalLM(model, tok, cfg.batch_size, progress=False)
+        prompts = [
+            lm.chat_prompt(TRANSLATE_PROMPT.format(src=LANGUAGE_NAMES[t.source_lang], tgt=LANGUAGE_NAMES[lang], text=src))
+            for src, _ in pairs
+        ]
+        hyps = [h[0] for h in lm.generate(prompts, SamplingParams(max_new_tokens=t.max_new_tokens), stop=["\n\n"])]
+        out.write_jsonl(
+            f"translations/{lang}/{variant}.jsonl",
+            [{"source": s, "reference": r, "hypothesis": h} for (s, r), h in zip(pairs, hyps)],
+        )
+        scores[variant] = bleu_chrf(hyps, [r for _, r in pairs], lang)
+        result["tokens"] += lm.tokens
+    return {"models": scores}
+
+
+def _responses_unit(cfg, inputs, out, lang, variants, path, result) -> dict:  # noqa: ANN001
+    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.languages import LANGUAGE_NAMES
+    from polyalign.stages.core.models import cached_lm, load_reward_model
+    from polyalign.stages.preferences import JUDGE_TEMPLATE, _expected_rating
+    from polyalign.stages.reward_model import _conversation, score
+
+    r = cfg.responses
+    try:
+        prompts = heldout_prompts(r, lang)
+    except FileNotFoundError as exc:
+        return {"missing": str(exc)}
+    dtype = inputs.model_dtype(cfg.model)
+    answers: dict[str, list[str]] = {}
+    for variant, adapters in variants.items():
+        model, tok = cached_lm(path, adapters, dtype)
+        lm = LocalLM(model, tok, cfg.batch_size, progress=False)
+        texts = [lm.chat_prompt(p["prompt"]) for p in prompts]
+        answers[variant] = [a[0] for a in lm.generate(texts, SamplingParams(max_new_tokens=r.max_new_tokens))]
+        result["tokens"] += lm.tokens
+    metrics: dict[str, dict] = {v: {"n": len(prompts)} for v in answers}
+    rm_art = inputs.get("reward_model")
+    if rm_art is not None:
+        _, tok = cached_lm(path, [], dtype)
+        rm = load_reward_model(path, [str(inputs["sft"].file("model")), str(rm_art.file("model"))], dtype)
+        for variant, texts in answers.items():
+            rewards = score(rm, tok, [_conversation(p["prompt"], a) for p, a in zip(prompts, texts)], cfg.batch_size)
+            metrics[variant]["reward_mean"] = sum(rewards) / len(rewards)
+            metrics[variant]["rewards"] = rewards
+        del rm
+    if r.judge is not None and "base" in answers:
+        jm, jt = cached_lm(inputs.model(r.judge), dtype=inputs.model_dtype(r.judge))
+        judge = LocalLM(jm, jt, cfg.batch_size, progress=False)
+        ratings = {}
+        for variant, texts in answers.items():
+            requests = []
+            for p, a in zip(prompts, texts):
+                ctx = judge.chat_prompt(JUDGE_TEMPLATE.format(language=LANGUAGE_NAMES[lang], instruction=p["prompt"], response=a))
+                requests.extend((ctx, str(d)) for d in range(1, 6))
+            lls = [ll for ll, _ in judge.loglikelihood(requests)]
+            ratings[variant] = [_expected_rating(lls[5 * k : 5 * k + 5]) for k in range(len(prompts))]
+            metrics[variant]["judge_rating"] = sum(ratings[variant]) / len(prompts)
+        for variant in answers:
+            if variant == "base":
+                continue
+            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ratings[variant], ratings["base"])]
+            metrics[variant]["win_rate_vs_base"] = sum(wins) / len(wins)
+        result["tokens"] += judge.tokens
+    out.write_jsonl(
+        f"responses/{lang}.jsonl",
+        [{"id": p["id"], "prompt": p["prompt"], **{v: answers[v][k] for v in answers}} for k, p in enumerate(prompts)],
+    )
+    for m in metrics.values():
+        m.pop("rewards", None)
+    return {"models": metrics}
+
+
+# ---------------------------------------------------------------------------------------
+# aggregation and report
+
+
+def collect(cfg: Config, per_lang: dict[str, dict], variants: list[str]) -> dict:
+    """results.json: per benchmark, per language and stage, plus macro averages."""
+    benches: dict[str, Any] = {}
+    for name in cfg.benchmarks:
+        langs, missing = {}, {}
+        for lang, res in per_lang.items():
+            entry = res["benchmarks"].get(name, {})
+            if "missing" in entry:
+                missing[lang] = entry["missing"]
+            elif entry.get("models"):
+                langs[lang] = entry["models"]
+        macro = {}
+        for v in variants:
+            rows = [m[v] for m in langs.values() if v in m]
+            if rows:  # mean over languages; its stderr from the per-language ones (independent sets)
+                macro[v] = {"languages": len(rows)}
+                for k in ("acc", "acc_norm"):
+                    macro[v][k] = sum(r[k] for r in rows) / len(rows)
+                    errs = [r[f"{k}_stderr"] for r in rows]
+                    macro[v][f"{k}_stderr"] = math.sqrt(sum(e * e for e in errs)) / len(rows) if all(e == e for e in errs) else math.nan
+        settings_by_lang = {lang: per_lang[lang]["benchmarks"][name]["settings"] for lang in per_lang if name in per_lang[lang]["benchmarks"]}
+        benches[name] = {"languages": langs, "macro": macro, "missing": missing, "settings": settings_by_lang}
+    results: dict[str, Any] = {"stages": variants, "benchmarks": benches}
+    for kind in ("translation", "responses"):
+        if getattr(cfg, kind) is not None:
+            results[kind] = {lang: res.get(kind, {}) for lang, res in per_lang.items()}
+    return results
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    """Tables of languages x stages x metrics, one per benchmark, then translation and responses."""
+    stages = results["stages"]
+    parts = []
+    for name, b in results["benchmarks"].items():
+        head = "| language | " + " | ".join(f"{s} acc | {s} acc_norm" for s in stages) + " |"
+        lines = [f"### {name}", "", head, "|---|" + "---:|" * (2 * len(stages))]
+        for lang, models in b["languages"].items():
+            cells = []
+            for s in stages:
+                m = models.get(s)
+                cells += [f"{_fmt(m['acc'])} ± {_fmt(m['acc_stderr'])}", f"{_fmt(m['acc_norm'])} ± {_fmt(m['acc_norm_stderr'])}"] if m else ["n/a", "n/a"]
+            n = next(iter(models.values()))["n"]
+            lines.append(f"| {lang} (n={n}) | " + " | ".join(cells) + " |")
+        if b["macro"]:
+            cells = []
+            for s in stages:
+                m = b["macro"].get(s)
+                cells += [f"**{_fmt(m['acc'])}**", f"**{_fmt(m['acc_norm'])}**"] if m else ["n/a", "n/a"]
+            lines.append("| **macro** | " + " | ".join(cells) + " |")
+        for lang, why in b["missing"].items():
+            lines.append(f"\n_{lang}: {why}_")
+        parts.append("\n".join(lines))
+    for kind, metrics in (("translation", ("bleu", "chrf++")), ("responses", ("reward_mean", "judge_rating", "win_rate_vs_base"))):
+        block = results.get(kind)
+        if not block:
+            continue
+        present = [k for k in metrics if any(k in m for r in block.values() for m in r.get("models", {}).values())]
+        if not present:
+            present = list(metrics[:1])
+        head = "| language | " + " | ".join(f"{s} {k}" for s in stages for k in present) + " |"
+        lines = [f"### {kind}", "", head, "|---|" + "---:|" * (len(stages) * len(present))]
+        for lang, r in block.items():
+            if "models" not in r:
+                lines.append(f"| {lang} | " + " | ".join(["—"] * (len(stages) * len(present))) + f" |  <!-- {r.get('missing') or r.get('skipped')} -->")
+                continue
+            cells = [_fmt(r["models"].get(s, {}).get(k), 2) for s in stages for k in present]
+            lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(name: str, bench: dict, stages: list[str], target: Path) -> None:
+    """Per-language bars of acc (solid) and acc_norm (hatched), stages side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = list(bench["languages"]) + (["macro"] if bench["macro"] else [])
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(langs) * max(1, len(stages)) / 1.5 + 2), 4.2), sharey=True)
+    width = 0.8 / max(1, len(stages))
+    colors = ["#9aa5b1", "#3b82f6", "#f59e0b", "#10b981"]
+    for ax, metric in zip(axes, ("acc", "acc_norm")):
+        for k, stage in enumerate(stages):
+            xs, ys, errs = [], [], []
+            for j, lang in enumerate(langs):
+                m = bench["macro"].get(stage) if lang == "macro" else bench["languages"][lang].get(stage)
+                if not m:
+                    continue
+                xs.append(j + (k - (len(stages) - 1) / 2) * width)
+                ys.append(m[metric])
+                err = m.get(f"{metric}_stderr")
+                errs.append(0.0 if err is None or math.isnan(err) else err)
+            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=stage, color=colors[k % len(colors)])
+        ax.set_xticks(range(len(langs)), langs)
+        ax.set_title(metric)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+        chance = _chance(bench)
+        if chance:
+            ax.axhline(chance, color="black", linestyle="--", linewidth=0.8)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(title="stage", loc="upper right", fontsize=8)
+    fig.suptitle(f"{name}: accuracy per language (error bars: standard error; dashed: chance)")
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def _chance(bench: dict) -> float | None:
+    """Mean 1/number-of-choices over the documents, from the predictions' shape."""
+    return bench.get("chance")
 
 
 def finish(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     per_lang = {lang: json.loads(out.path(f"results/{lang}.json").read_text()) for lang in cfg.languages}
     variants = list(_variants(cfg, inputs))
-    table: dict[str, dict] = {}
-    for name in variants:
-        rows = {lang: r["models"][name] for lang, r in per_lang.items() if name in r["models"]}
-        macro = {
-            metric: (sum(v[metric] for v in rows.values()) / len(rows) if rows else None)
-            for metric in ("acc", "acc_norm")
-        }
-        table[name] = {"languages": rows, "macro": macro}
-    missing = [lang for lang, r in per_lang.items() if not r["models"]]
-    out.write_json("results.json", {"benchmark": cfg.benchmark, "models": table, "languages_without_documents": missing})
-    md = markdown_table(table, cfg.languages)
+    results = collect(cfg, per_lang, variants)
+    for name, bench in results["benchmarks"].items():
+        bench["chance"] = _chance_from_predictions(out, name, bench)
+        if bench["languages"]:
+            plot(name, bench, variants, out.path(f"plots/{name}.png"))
+    out.write_json("results.json", results)
+    md = markdown(results)
     out.write_text("results.md", md)
-    out.metrics.update(tokens=sum(r["tokens"] for r in per_lang.values()), results={k: v["macro"] for k, v in table.items()})
+    out.metrics.update(
+        tokens=sum(r["tokens"] for r in per_lang.values()),
+        results={name: b["macro"] for name, b in results["benchmarks"].items()},
+    )
     out.summary = md
 
 
-def markdown_table(table: dict[str, dict], languages: list[str]) -> str:
-    header = "| model | " + " | ".join(f"{lang} acc / acc_norm" for lang in languages) + " | macro acc / acc_norm |"
-    lines = [header, "|" + "---|" * (len(languages) + 2)]
-    for name, res in table.items():
-        cells = []
-        for lang in languages:
-            r = res["languages"].get(lang)
-            cells.append(f"{r['acc']:.3f} / {r['acc_norm']:.3f}" if r else "n/a")
-        m = res["macro"]
-        macro = f"{m['acc']:.3f} / {m['acc_norm']:.3f}" if m["acc"] is not None else "n/a"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {macro} |")
-    return "\n".join(lines) + "\n"
+def _chance_from_predictions(out, name: str, bench: dict) -> float | None:  # noqa: ANN001
+    sizes = []
+    for lang in bench["languages"]:
+        for path in sorted(out.path(f"predictions/{name}/{lang}").glob("*.jsonl"))[:1]:
+            sizes += [len(json.loads(x)["loglikelihoods"]) for x in path.read_text().splitlines() if x.strip()]
+    return sum(1 / k for k in sizes) / len(sizes) if sizes else None
 
 
 def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001

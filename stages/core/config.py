@@ -87,9 +87,18 @@ def _semantic(model: BaseModel) -> dict[str, Any]:
         extra = _extra(model, name)
         if extra.get(_RUNTIME) or extra.get(_MODEL_REF) or extra.get(_DATA_FILE):
             continue  # models and data files enter the fingerprint as identities / digests
-        value = getattr(model, name)
-        data[name] = _semantic(value) if isinstance(value, BaseModel) else value
+        data[name] = _plain(getattr(model, name))
     return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _semantic(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def is_runtime_field(model_cls: type[BaseModel], name: str) -> bool:

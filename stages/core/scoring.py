@@ -1,0 +1,278 @@
+"""Log-likelihood of multiple-choice continuations, encoding each context once.
+
+A 25-shot context is about 2K tokens and each of its 4-5 choices only a few. Scoring every
+(context, choice) pair as its own sequence, as lm-evaluation-harness does, encodes the
+context once per choice. `ChoiceScorer` runs the context once per document, keeps its keys
+and values, and scores every choice from that cache; documents are batched. When every
+context starts with the same text (a fixed shot set), that prefix is run once for the whole
+benchmark and each batch starts from its cache.
+
+The numbers are those of lm-evaluation-harness's HF backend: the same context/continuation
+split (trailing spaces of the context move into the continuation; continuation tokens are
+those of `tok(context + continuation)` after `len(tok(context))`), the same left truncation
+to the model's maximum length, log-softmax over the full vocabulary. Documents whose
+requests do not fit the model, and sliding-window models whose window a context exceeds,
+are scored request by request exactly as lm-eval does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def model_max_length(model: Any, tok: Any) -> int:
+    """lm-eval's rule: model config first, then the tokenizer, then 2048."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, attr, None)
+        if value:
+            return int(value)
+    limit = getattr(tok, "model_max_length", None)
+    if limit and limit < 10**12:
+        return int(limit)
+    return 2048
+
+
+class ChoiceScorer:
+    """Sum of log p(continuation | context) for every choice of every document."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.tok = tokenizer
+        self.batch_size = max(1, batch_size)
+        self.max_length = max_length or model_max_length(model, tokenizer)
+        self.add_special_tokens = add_special_tokens
+        self.progress = progress
+        self.tokens = 0  # tokens run through the model (for the stage metrics)
+        self.stats = {"cached": 0, "prefixed": 0, "per_request": 0}
+        window = getattr(model.config, "sliding_window", None)
+        types = getattr(model.config, "layer_types", None) or []
+        self.window = int(window) if window and (not types or "sliding_attention" in types) else None
+
+    # -- tokenization, as lm-eval's HFLM does it ---------------------------------------
+    def _ids(self, text: str) -> list[int]:
+        """The tokenizer's own default special tokens (e.g. BOS for Llama and Gemma), unless
+        the text already starts with the BOS string: lm-eval's rule."""
+        special = self.add_special_tokens
+        bos = self.tok.bos_token
+        if special and bos and text.startswith(bos):
+            special = False
+        return self.tok(text, add_special_tokens=special)["input_ids"]
+
+    def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if not context:
+            prefix = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+            cont = self.tok(continuation, add_special_tokens=False)["input_ids"]
+            return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation = context[-spaces:] + continuation
+            context = context[:-spaces]
+        whole = self._ids(context + continuation)
+        ctx = self._ids(context)
+        return ctx, whole[len(ctx) :]
+
+    # -- public entry --------------------------------------------------------------------
+    def score(self, contexts: list[str], continuations: list[list[str]], prefix: str | None = None, desc: str = "score") -> list[list[float]]:
+        """Per document, the log-likelihood of each continuation (same order)."""
+        encoded = []
+        for ctx, conts in zip(contexts, continuations):
+            pairs = [self.encode(ctx, c) for c in conts]
+            encoded.append((pairs[0][0], [p[1] for p in pairs]))
+        prefix_ids = self._ids(prefix) if prefix else []
+        plain, prefixed, full = [], [], []
+        for i, (ctx, conts) in enumerate(encoded):
+            total = len(ctx) + max(len(c) for c in conts)
+            fits = total <= self.max_length + 1 and all(conts) and (self.window is None or total <= self.window)
+            if not fits:
+                full.append(i)
+            elif prefix_ids and len(ctx) > len(prefix_ids) and ctx[: len(prefix_ids)] == prefix_ids:
+                prefixed.append(i)
+            else:
+                plain.append(i)
+        out: list[list[float]] = [[] for _ in encoded]
+        bar = tqdm(total=len(encoded), desc=desc, unit="doc", disable=not self.progress, leave=False)
+        if prefixed:
+            cache = self._run_prefix(prefix_ids)
+            self._cached(encoded, prefixed, out, bar, prefix_ids, cache)
+        self._cached(encoded, plain, out, bar, [], None)
+        self._per_request(encoded, full, out, bar)
+        bar.close()
+        self.stats["prefixed"] += len(prefixed)
+        self.stats["cached"] += len(plain)
+        self.stats["per_request"] += len(full)
+        return out
+
+    # -- the cached path -----------------------------------------------------------------
+    def _run_prefix(self, prefix_ids: list[int]) -> Any:
+        import torch
+
+        ids = torch.tensor([prefix_ids], device=self.model.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.tokens += len(prefix_ids)
+        return out.past_key_values
+
+    def _cached(self, encoded, docs, out, bar, prefix_ids, prefix_cache) -> None:  # noqa: ANN001
+        import torch
+        from transformers import DynamicCache
+
+        device = self.model.device
+        n_prefix = len(prefix_ids)
+        docs = sorted(docs, key=lambda i: -len(encoded[i][0]))
+        for start in range(0, len(docs), self.batch_size):
+            batch = docs[start : start + self.batch_size]
+            suffixes = [encoded[i][0][n_prefix:] for i in batch]
+            lengths = torch.tensor([len(s) for s in suffixes])
+            width = int(lengths.max())
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), n_prefix + width), dtype=torch.long)
+            mask[:, :n_prefix] = 1
+            for r, s in enumerate(suffixes):  # right padding: real tokens never see the pads
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, n_prefix : n_prefix + len(s)] = 1
+            positions = (n_prefix + torch.arange(width)).expand(len(batch), width)
+            if prefix_cache is not None:
+                cache = _select(prefix_cache, torch.zeros(len(batch), dtype=torch.long, device=device))
+            else:
+                cache = DynamicCache(config=self.model.config)
+            last = lengths - 1
+            keep = torch.unique(last)  # logits only where each row's context ends
+            with torch.inference_mode():
+                res = self.model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=keep.to(device),
+                )
+            self.tokens += int(lengths.sum())
+            where = {int(p): k for k, p in enumerate(keep)}
+            first = torch.log_softmax(
+                torch.stack([res.logits[r, where[int(last[r])]] for r in range(len(batch))]).float(), dim=-1
+            ).cpu()
+            cache = res.past_key_values
+            scores = {}
+            rows = []  # (row in batch, doc, choice) for continuations longer than one token
+            for r, i in enumerate(batch):
+                for c, cont in enumerate(encoded[i][1]):
+                    scores[(i, c)] = float(first[r, cont[0]])
+                    if len(cont) > 1:
+                        rows.append((r, i, c))
+            chunk = self.batch_size * 4
+            for cstart in range(0, len(rows), chunk):
+                part = rows[cstart : cstart + chunk]
+                conts = [encoded[i][1][c] for _, i, c in part]
+                cwidth = max(len(x) for x in conts) - 1
+                cids = torch.zeros((len(part), cwidth), dtype=torch.long)
+                cmask = torch.zeros((len(part), cwidth), dtype=torch.long)
+                for k, x in enumerate(conts):
+                    cids[k, : len(x) - 1] = torch.tensor(x[:-1])
+                    cmask[k, : len(x) - 1] = 1
+                src = torch.tensor([r for r, _, _ in part])
+                sub = _select(cache, src.to(device))
+                amask = torch.cat([mask[src], cmask], dim=1)
+                pos = n_prefix + lengths[src][:, None] + torch.arange(cwidth)[None, :]
+                with torch.inference_mode():
+                    res2 = self.model(
+                        input_ids=cids.to(device),
+                        attention_mask=amask.to(device),
+                        position_ids=pos.to(device),
+                        past_key_values=sub,
+                        use_cache=True,
+                    )
+                logp = torch.log_softmax(res2.logits.float(), dim=-1).cpu()
+                self.tokens += int(cmask.sum())
+                for k, (_, i, c) in enumerate(part):
+                    target = torch.tensor(conts[k][1:])
+                    scores[(i, c)] += float(logp[k, : len(target)].gather(1, target[:, None]).sum())
+                del sub, res2
+            for i in batch:
+                out[i] = [scores[(i, c)] for c in range(len(encoded[i][1]))]
+            bar.update(len(batch))
+
+    # -- the per-request path (lm-eval's own computation) -----------------------------------
+    def _per_request(self, encoded, docs, out, bar) -> None:  # noqa: ANN001
+        import torch
+
+        device = self.model.device
+        requests = [(i, c) for i in docs for c in range(len(encoded[i][1]))]
+        requests.sort(key=lambda ic: -(len(encoded[ic[0]][0]) + len(encoded[ic[0]][1][ic[1]])))
+        scores = {}
+        for start in range(0, len(requests), self.batch_size):
+            part = requests[start : start + self.batch_size]
+            seqs, conts = [], []
+            for i, c in part:
+                cont = encoded[i][1][c]
+                seqs.append((encoded[i][0] + cont)[-(self.max_length + 1) :][:-1])
+                conts.append(cont)
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros((len(part), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            self.tokens += sum(len(s) for s in seqs)
+            for r, (i, c) in enumerate(part):
+                n = len(conts[r])
+                rows = logp[r, len(seqs[r]) - n : len(seqs[r])]
+                scores[(i, c)] = float(rows.gather(1, torch.tensor(conts[r])[:, None]).sum())
+        for i in docs:
+            out[i] = [scores[(i, c)] for c in range(len(encoded[i][1]))]
+            bar.update(1)
+
+
+def _select(cache: Any, index: Any) -> Any:
+    """A new cache holding the rows `index` of `cache` (the original is left untouched)."""
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        clone = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            clone.keys = layer.keys.index_select(0, index)
+            clone.values = layer.values.index_select(0, index)
+        new.layers.append(clone)
+    return new
+
+
+def mc_metrics(lls: list[list[float]], docs: list[Any]) -> dict:
+    """acc, acc_norm (log-likelihood per character of the choice) and their standard errors."""
+    hits, hits_norm, preds = [], [], []
+    for scores, doc in zip(lls, docs):
+        normed = [s / len(c) for s, c in zip(scores, doc.choices)]
+        pred = max(range(len(scores)), key=scores.__getitem__)
+        pred_norm = max(range(len(normed)), key=normed.__getitem__)
+        hits.append(float(pred == doc.gold))
+        hits_norm.append(float(pred_norm == doc.gold))
+        preds.append({"id": doc.id, "loglikelihoods": scores, "pred": pred, "pred_norm": pred_norm, "gold": doc.gold})
+    n = len(hits)
+    return {
+        "n": n,
+        "acc": sum(hits) / n if n else math.nan,
+        "acc_stderr": mean_stderr(hits),
+        "acc_norm": sum(hits_norm) / n if n else math.nan,
+        "acc_norm_stderr": mean_stderr(hits_norm),
+        "predictions": preds,
+    }
+
+
+def mean_stderr(xs: list[float]) -> float:
+    """Standard error of the mean with the n-1 sample deviation (both harnesses' formula)."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mu = sum(xs) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
