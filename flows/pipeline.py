@@ -110,11 +110,12 @@ def _summary_artifact(pipeline: Pipeline, stages: list[str], states: dict[str, s
         lines.append(f"| {plan.name} | {states[plan.name]} | {summary} |")
     if evaluation is not None:
         lines += ["", "## Evaluation", "", evaluation.manifest.get("summary", "")]
-        results = evaluation.read_json("results.json")["models"]
-        rows = [
-            {"model": model, "language": lang, "acc": round(r["acc"], 4), "acc_norm": round(r["acc_norm"], 4), "n": r["n"]}
-            for model, res in results.items()
-            for lang, r in res["languages"].items()
-        ]
-        create_table_artifact(key=_artifact_key(pipeline, "evaluation-table"), table=rows, description="acc / acc_norm per model and language")
+        from polyalign.stages.evaluate import leaderboard_rows
+
+        rows = leaderboard_rows(evaluation.read_json("results.json"))
+        create_table_artifact(
+            key=_artifact_key(pipeline, "evaluation-table"),
+            table=rows,
+            description="Evaluation per benchmark, language and stage (acc / acc_norm with standard errors; BLEU, chrF++, reward, win rate)",
+        )
     create_markdown_artifact(key=_artifact_key(pipeline, "summary"), markdown="\n".join(lines), description="polyalign run summary")

@@ -159,6 +159,38 @@ def stage(
     typer.echo(art.manifest.get("summary", ""))
 
 
+@app.command()
+def report(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    stage_name: Annotated[Optional[str], typer.Option("--stage", help="Evaluate stage to show (default: every one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the leaderboard rows as JSON.")] = False,
+) -> None:
+    """Print the evaluation leaderboard of a pipeline from the store (runs nothing)."""
+    pipe = _load(config, set_, store, check_models=False)
+    plans = [p for p in pipe.plan() if p.type == "evaluate" and (stage_name is None or p.name == stage_name)]
+    if not plans:
+        _fail(f"no evaluate stage {'named ' + repr(stage_name) + ' ' if stage_name else ''}in {config}")
+    from polyalign.stages.evaluate import leaderboard_rows
+
+    rows: list[dict] = []
+    for plan in plans:
+        if plan.state != "cached":
+            _fail(f"stage {plan.name!r} has no results in {pipe.store.root} (state: {plan.state}); run `polyalign run {config}` first")
+        art = pipe.store.open(plan.name, plan.fingerprint)
+        if as_json:
+            rows += [{"stage_name": plan.name, **r} for r in leaderboard_rows(art.read_json("results.json"))]
+            continue
+        typer.echo(f"# {plan.name} ({plan.fingerprint[:12]}, {art.path})\n")
+        typer.echo(art.path.joinpath("results.md").read_text(encoding="utf-8"))
+        plots = sorted(art.path.joinpath("plots").glob("*.png"))
+        if plots:
+            typer.echo("plots: " + ", ".join(str(p) for p in plots))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+
+
 @models_app.command("prepare")
 def models_prepare(
     config: Annotated[Optional[str], typer.Argument(help="Prepare the models this pipeline uses (default: every recipe).")] = None,

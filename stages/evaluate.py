@@ -78,6 +78,12 @@ class Benchmark(Overrides):
     seed: int | None = Field(None, description="Seed of the document shuffle and shot draws (okapi 42, lm-eval 1234).")
     languages: dict[str, Overrides] = Field(default_factory=dict, description="Per-language overrides.")
 
+    @model_validator(mode="after")
+    def _source_fits_task(self) -> "Benchmark":
+        if self.source == "builtin" and self.task != "mc":
+            raise ValueError(f"source: the built-in benchmark is task 'mc'; task {self.task!r} needs a file template or hf: name")
+        return self
+
     @field_validator("template")
     @classmethod
     def _template_known(cls, value: str | None) -> str | None:
@@ -455,6 +461,26 @@ def collect(cfg: Config, per_lang: dict[str, dict], variants: list[str]) -> dict
         if getattr(cfg, kind) is not None:
             results[kind] = {lang: res.get(kind, {}) for lang, res in per_lang.items()}
     return results
+
+
+def leaderboard_rows(results: dict) -> list[dict]:
+    """One flat row per benchmark, language (and macro) and stage: for tables and the CLI."""
+    rows = []
+    for name, b in results["benchmarks"].items():
+        for lang, models in list(b["languages"].items()) + [("macro", b["macro"])]:
+            for stage in results["stages"]:
+                m = models.get(stage)
+                if m:
+                    rows.append({
+                        "benchmark": name, "language": lang, "stage": stage,
+                        **{k: round(m[k], 4) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr") if k in m},
+                        "n": m.get("n", m.get("languages")),
+                    })
+    for kind in ("translation", "responses"):
+        for lang, r in (results.get(kind) or {}).items():
+            for stage, m in r.get("models", {}).items():
+                rows.append({"benchmark": kind, "language": lang, "stage": stage, **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}, "n": m.get("n")})
+    return rows
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -211,7 +211,7 @@ def load_rows(task: str, source: str, lang: str, split: str) -> list[dict]:
     if key not in _CACHE:
         _CACHE[key] = normalise(task, path, read_rows(path))
     rows = _CACHE[key]
-    if source == "builtin":
+    if task == "mc":  # mc rows name their language: one file may hold several
         rows = [r for r in rows if r["lang"] == lang]
         if not rows:
             raise FileNotFoundError(f"{path} (no rows for language {lang!r})")
@@ -305,7 +305,7 @@ def prepare(s: Settings, lang: str) -> tuple[list[Doc], list[str], str | None]:
     """Read, check and turn one benchmark language into (docs, contexts, shared prefix)."""
     docs = [to_doc(r, s.template, s.preprocess) for r in load_rows(s.task, s.source, lang, s.split)]
     pool: list[Doc] = []
-    same = s.shot_split == s.split or s.source == "builtin"
+    same = s.shot_split == s.split or s.task == "mc"
     if s.shots:
         pool = docs if same else [to_doc(r, s.template, s.preprocess) for r in load_rows(s.task, s.source, lang, s.shot_split)]
     return build_contexts(docs, pool, s, same)

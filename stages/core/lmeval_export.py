@@ -30,7 +30,7 @@ def _raw_rows(s: Settings, lang: str, split: str) -> list[dict]:
         raise ValueError("only local files can be exported")
     text = path.read_text(encoding="utf-8")
     rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    if s.source == "builtin":
+    if s.task == "mc":
         rows = [r for r in rows if r["lang"] == lang]
     for r in rows:  # the okapi utils index option_e unconditionally
         if s.task in ("arc", "mmlu"):
@@ -47,7 +47,7 @@ def write_task(name: str, s: Settings, lang: str, folder: Path) -> str:
     okapi = Path(lm_eval.__file__).parent / "tasks" / "okapi"
     folder.mkdir(parents=True, exist_ok=True)
     data = {"test": _jsonl(_raw_rows(s, lang, s.split), folder / f"{name}.test.jsonl")}
-    if s.shots and s.shot_split != s.split and s.source != "builtin":
+    if s.shots and s.shot_split != s.split and s.task != "mc":
         data["train"] = _jsonl(_raw_rows(s, lang, s.shot_split), folder / f"{name}.train.jsonl")
     lines: list[str] = [
         f"task: {name}",

@@ -91,26 +91,28 @@ class ChoiceScorer:
             pairs = [self.encode(ctx, c) for c in conts]
             encoded.append((pairs[0][0], [p[1] for p in pairs]))
         prefix_ids = self._ids(prefix) if prefix else []
-        plain, prefixed, full = [], [], []
+        groups: dict[tuple[bool, bool], list[int]] = {}  # (uses the prefix, alone in its batch) -> docs
+        full = []
         for i, (ctx, conts) in enumerate(encoded):
             total = len(ctx) + max(len(c) for c in conts)
-            fits = total <= self.max_length + 1 and all(conts) and (self.window is None or total <= self.window)
-            if not fits:
+            if total > self.max_length + 1 or not all(conts):
                 full.append(i)
-            elif prefix_ids and len(ctx) > len(prefix_ids) and ctx[: len(prefix_ids)] == prefix_ids:
-                prefixed.append(i)
-            else:
-                plain.append(i)
+                continue
+            shared = bool(prefix_ids) and len(ctx) > len(prefix_ids) and ctx[: len(prefix_ids)] == prefix_ids
+            # padded batches put pads between context and continuation; a sliding window counts
+            # them, so a context longer than the window is run alone (no padding at all)
+            alone = self.window is not None and total > self.window
+            groups.setdefault((shared, alone), []).append(i)
         out: list[list[float]] = [[] for _ in encoded]
         bar = tqdm(total=len(encoded), desc=desc, unit="doc", disable=not self.progress, leave=False)
-        if prefixed:
-            cache = self._run_prefix(prefix_ids)
-            self._cached(encoded, prefixed, out, bar, prefix_ids, cache)
-        self._cached(encoded, plain, out, bar, [], None)
+        cache = None
+        for (shared, alone), docs in sorted(groups.items()):
+            if shared and cache is None:
+                cache = self._run_prefix(prefix_ids)
+            self._cached(encoded, docs, out, bar, prefix_ids if shared else [], cache if shared else None, 1 if alone else self.batch_size)
+            self.stats["prefixed" if shared else "cached"] += len(docs)
         self._per_request(encoded, full, out, bar)
         bar.close()
-        self.stats["prefixed"] += len(prefixed)
-        self.stats["cached"] += len(plain)
         self.stats["per_request"] += len(full)
         return out
 
@@ -124,15 +126,15 @@ class ChoiceScorer:
         self.tokens += len(prefix_ids)
         return out.past_key_values
 
-    def _cached(self, encoded, docs, out, bar, prefix_ids, prefix_cache) -> None:  # noqa: ANN001
+    def _cached(self, encoded, docs, out, bar, prefix_ids, prefix_cache, batch_size) -> None:  # noqa: ANN001
         import torch
         from transformers import DynamicCache
 
         device = self.model.device
         n_prefix = len(prefix_ids)
         docs = sorted(docs, key=lambda i: -len(encoded[i][0]))
-        for start in range(0, len(docs), self.batch_size):
-            batch = docs[start : start + self.batch_size]
+        for start in range(0, len(docs), batch_size):
+            batch = docs[start : start + batch_size]
             suffixes = [encoded[i][0][n_prefix:] for i in batch]
             lengths = torch.tensor([len(s) for s in suffixes])
             width = int(lengths.max())
@@ -149,15 +151,10 @@ class ChoiceScorer:
                 cache = DynamicCache(config=self.model.config)
             last = lengths - 1
             keep = torch.unique(last)  # logits only where each row's context ends
+            # a single document has no padding: the model's own positions and causal mask are exact
+            masks = {} if len(batch) == 1 else {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
             with torch.inference_mode():
-                res = self.model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=keep.to(device),
-                )
+                res = self.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device), **masks)
             self.tokens += int(lengths.sum())
             where = {int(p): k for k, p in enumerate(keep)}
             first = torch.log_softmax(
@@ -185,14 +182,10 @@ class ChoiceScorer:
                 sub = _select(cache, src.to(device))
                 amask = torch.cat([mask[src], cmask], dim=1)
                 pos = n_prefix + lengths[src][:, None] + torch.arange(cwidth)[None, :]
+                # with one document, pads sit only after each continuation, where no real token sees them
+                masks = {} if len(batch) == 1 else {"attention_mask": amask.to(device), "position_ids": pos.to(device)}
                 with torch.inference_mode():
-                    res2 = self.model(
-                        input_ids=cids.to(device),
-                        attention_mask=amask.to(device),
-                        position_ids=pos.to(device),
-                        past_key_values=sub,
-                        use_cache=True,
-                    )
+                    res2 = self.model(input_ids=cids.to(device), past_key_values=sub, use_cache=True, **masks)
                 logp = torch.log_softmax(res2.logits.float(), dim=-1).cpu()
                 self.tokens += int(cmask.sum())
                 for k, (_, i, c) in enumerate(part):

@@ -108,34 +108,43 @@ def test_preference_pairs_are_ranked(tiny_run):
 def test_evaluation_matches_an_independent_forward_pass(tiny_run):
     import torch
 
-    from polyalign.stages.core.models import load_causal_lm, load_tokenizer
-    from polyalign.stages.evaluate import load_benchmark
+    from polyalign.stages.core.benchmarks import builtin_path, read_rows
+    from polyalign.stages.core.models import ensure_model, load_causal_lm, load_tokenizer
 
     *_, pipe, arts = tiny_run
     ev = arts["evaluate"]
-    results = ev.read_json("results.json")["models"]
-    assert set(results) == {"base", "sft", "aligned"}
-    assert set(results["base"]["languages"]) == {"en", "fr", "de"}
-    assert "| base |" in ev.manifest["summary"]
+    results = ev.read_json("results.json")
+    assert results["stages"] == ["base", "sft", "aligned"]
+    assert set(results["benchmarks"]) == {"mini_mc", "mini_mc_3shot"}
+    for bench in results["benchmarks"].values():
+        assert set(bench["languages"]) == {"en", "fr", "de"} and not bench["missing"]
+        assert set(bench["macro"]) == {"base", "sft", "aligned"}
+    assert "### mini_mc" in ev.manifest["summary"] and "| fr (n=24) |" in ev.manifest["summary"]
+    for name in ("mini_mc", "mini_mc_3shot"):
+        png = ev.file(f"plots/{name}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # the shared 3-shot prefix went through the prefix cache
+    assert results["benchmarks"]["mini_mc_3shot"]["languages"]["fr"]["base"]["scoring"]["prefixed"] > 0
+    # translation and response metrics exist for every stage
+    assert set(results["translation"]["fr"]["models"]) == {"base", "sft", "aligned"}
+    assert "skipped" in results["translation"]["en"]
+    assert 0 <= results["responses"]["de"]["models"]["sft"]["win_rate_vs_base"] <= 1
+    assert "reward_mean" in results["responses"]["de"]["models"]["aligned"]
 
-    preds = ev.records("predictions/fr/base.jsonl")
-    doc = next(d for d in load_benchmark("builtin") if d["id"] == preds[0]["id"])
-    path = str(pipe.models_root / sorted(p.name for p in pipe.models_root.glob("tiny-*"))[0])
-    base = pipe.header.models["base"]
-    from polyalign.stages.core.models import ensure_model
-
-    path = ensure_model(base, pipe.models_root)
+    preds = ev.records("predictions/mini_mc/fr/base.jsonl")
+    doc = next(d for d in read_rows(builtin_path()) if d["id"] == preds[0]["id"])
+    path = ensure_model(pipe.header.models["base"], pipe.models_root)
     model, tok = load_causal_lm(path), load_tokenizer(path)
     ctx = f"Question: {doc['question']}\nAnswer:"
     for choice, expected in zip(doc["choices"], preds[0]["loglikelihoods"]):
-        ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
-        all_ids = tok(ctx + " " + choice, add_special_tokens=False)["input_ids"]
+        ctx_ids = tok(ctx)["input_ids"]  # the tokenizer's default special tokens, as lm-eval
+        all_ids = tok(ctx + " " + choice)["input_ids"]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([all_ids])).logits[0].float(), -1)
         ll = sum(logp[i - 1, all_ids[i]].item() for i in range(len(ctx_ids), len(all_ids)))
         assert ll == pytest.approx(expected, abs=1e-4)
     # the adapters are really applied: SFT scores differ from the base model's
-    sft_preds = ev.records("predictions/fr/sft.jsonl")
+    sft_preds = ev.records("predictions/mini_mc/fr/sft.jsonl")
     assert sft_preds[0]["loglikelihoods"] != preds[0]["loglikelihoods"]
 
 

@@ -121,9 +121,10 @@ def test_cli_bad_override_and_unknown_stage_name():
 def test_malformed_data_files_are_config_errors(tmp_path):
     bad = tmp_path / "bench.jsonl"
     bad.write_text('{"id": "a", "lang": "fr", "question": "?", "choices": ["x"], "answer": 0}\n')
-    proc = cli("validate", str(TINY), "--set", f"evaluate.benchmark={bad}")
+    proc = cli("validate", str(TINY), "--set", f"evaluate.benchmarks.mini_mc.source={bad}")
     assert proc.returncode == 2
-    assert f"stages.evaluate.benchmark: {bad}: row 1: field 'choices' needs at least two" in proc.stderr
+    assert f"stages.evaluate: benchmarks.mini_mc: {bad}: row 1: field 'choices' needs at least two" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"instruction": "x", "instances": []}\nnot json\n')
     proc = cli("validate", str(TINY), "--set", f"self_instruct.seed_tasks={seeds}")

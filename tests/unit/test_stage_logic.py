@@ -79,7 +79,9 @@ def test_translation_prompt_has_shots_and_language_name():
 
 
 def test_builtin_benchmark_is_parallel_across_languages():
-    rows = evaluate.load_benchmark("builtin")
+    from polyalign.stages.core.benchmarks import builtin_path, read_rows
+
+    rows = read_rows(builtin_path())
     by_q = {}
     for r in rows:
         by_q.setdefault(r["qid"], []).append(r)
@@ -87,17 +89,6 @@ def test_builtin_benchmark_is_parallel_across_languages():
     for qid, group in by_q.items():
         assert {r["lang"] for r in group} == {"en", "fr", "de", "vi", "es"}
         assert len({r["answer"] for r in group}) == 1, qid
-
-
-def test_malformed_benchmark_row_is_named(tmp_path):
-    bad = tmp_path / "mc.jsonl"
-    good = {"id": "a", "lang": "fr", "question": "?", "choices": ["x", "y"], "answer": 0}
-    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": 5}) + "\n")
-    with pytest.raises(UserError, match=r"mc.jsonl: row 2: field 'answer' 5 is out of range"):
-        evaluate.load_benchmark(str(bad))
-    bad.write_text(json.dumps({k: v for k, v in good.items() if k != "choices"}) + "\n")
-    with pytest.raises(UserError, match=r"mc.jsonl:1: missing field 'choices'"):
-        evaluate.load_benchmark(str(bad))
 
 
 def test_instance_parsing_keeps_only_the_first_output():

@@ -1,0 +1,162 @@
+"""The benchmark layer: file checks, templates, presets, shot sampling and the evaluate config."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from polyalign.stages.core import benchmarks as B
+from polyalign.stages.core.errors import UserError
+from polyalign.stages.core.pipeline import load_pipeline
+from tests.conftest import SHARED_DATA, TINY
+
+ARC_ROW = {"id": "q1", "instruction": "Why?", "option_a": "x", "option_b": "y", "option_c": "z", "option_d": "w", "answer": "B"}
+
+
+def _settings(**kw):
+    values = dict(task="arc", protocol="lm-eval", source="builtin", split="test", shot_split="train", shots=0,
+                  template="question_answer", preprocess=False, seed=1234)
+    values.update(kw)
+    return B.Settings(**values)
+
+
+def _arc_files(tmp_path, n_test=6, n_train=10):
+    for split, n in (("test", n_test), ("train", n_train)):
+        rows = [{**ARC_ROW, "id": f"{split}{i}", "instruction": f"{split} question {i}?"} for i in range(n)]
+        (tmp_path / f"fr_{split}.json").write_text(json.dumps(rows))
+    return str(tmp_path / "{lang}_{split}.json")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({k: v for k, v in ARC_ROW.items() if k != "instruction"}, "row 2: missing field 'instruction'"),
+        ({**ARC_ROW, "answer": "F"}, "row 2: field 'answer' is 'F', not one of ABCD"),
+        ({**ARC_ROW, "option_b": 3}, "row 2: field 'option_b' has type int"),
+        ({k: v for k, v in ARC_ROW.items() if k != "option_b"}, "row 2: missing field 'option_b'"),
+    ],
+)
+def test_malformed_okapi_rows_are_named_by_file_row_and_field(tmp_path, row, message):
+    path = tmp_path / "fr_test.json"
+    path.write_text(json.dumps([ARC_ROW, row]))
+    with pytest.raises(UserError) as err:
+        B.load_rows("arc", str(tmp_path / "{lang}_{split}.json"), "fr", "test")
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_malformed_hellaswag_and_jsonl_rows(tmp_path):
+    path = tmp_path / "de_validation.jsonl"
+    good = {"ind": 1, "activity_label": "Cooking", "ctx_a": "He", "ctx_b": "then", "endings": ["a", "b"], "label": "1"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": "7"}) + "\n")
+    with pytest.raises(UserError, match=r"de_validation.jsonl: row 2: field 'label' 7 is out of range"):
+        B.load_rows("hellaswag", str(tmp_path / "{lang}_{split}.jsonl"), "de", "validation")
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"de_validation.jsonl: row 2: invalid JSON"):
+        B.load_rows("hellaswag", str(tmp_path / "{lang}_{split}.jsonl"), "de", "validation")
+
+
+def test_missing_language_file_is_not_an_error_until_run(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        B.load_rows("arc", str(tmp_path / "{lang}_{split}.json"), "sw", "test")
+
+
+def test_templates_of_both_protocols():
+    row = {"id": "1", "question": "Le [title] ciel ?", "options": ["bleu", "vert", "rouge", "noir"], "answer": 0}
+    okapi_mmlu = B.to_doc(row, "question_choices_answer", False)
+    assert okapi_mmlu.query == "Question: Le [title] ciel ?\nChoices:\nA. bleu\nB. vert\nC. rouge\nD. noir\nAnswer:"
+    assert okapi_mmlu.choices == row["options"]  # Okapi scores the answer texts
+    letters = B.to_doc(row, "letters", False)
+    assert letters.query.endswith("D. noir\nAnswer:") and letters.choices == ["A", "B", "C", "D"]
+    arc = B.to_doc(row, "question_answer", True)  # lm-eval's m_arc cleans the text
+    assert arc.query == "Question: Le. ciel ?\nAnswer:"
+    hs = B.normalise("hellaswag", B.Path("x"), [{"activity_label": "Cooking", "ctx_a": "He takes a pan.", "ctx_b": "then he", "endings": [" [step] fries eggs.", "sleeps."], "label": 0}])[0]
+    doc = B.to_doc(hs, "hellaswag", True)
+    # the harnesses strip before removing brackets, so " [step] x" keeps a leading space
+    assert doc.query == "Cooking: He takes a pan. Then he" and doc.choices == [" fries eggs.", "sleeps."]
+    custom = B.to_doc(row, "Q: {question}\n{options}\nA:", False)
+    assert custom.query == "Q: Le [title] ciel ?\nA. bleu\nB. vert\nC. rouge\nD. noir\nA:"
+
+
+def test_okapi_protocol_shuffles_then_draws_shots_from_one_generator(tmp_path):
+    source = _arc_files(tmp_path)
+    s = _settings(protocol="okapi", source=source, shots=3, seed=42, limit=4)
+    docs, contexts, prefix = B.prepare(s, "fr")
+    assert prefix is None and len(docs) == 4
+    # the same sequence of calls on random.Random(42): shuffle the test docs, then k shots per doc
+    test = [B.to_doc(r, "question_answer", False) for r in B.load_rows("arc", source, "fr", "test")]
+    train = [B.to_doc(r, "question_answer", False) for r in B.load_rows("arc", source, "fr", "train")]
+    rnd = random.Random(42)
+    rnd.shuffle(test)
+    assert [d.id for d in docs] == [d.id for d in test[:4]]
+    for doc, ctx in zip(test[:4], contexts):
+        shots = rnd.sample(train, 3)
+        assert ctx == "".join(f"{x.query} {x.choices[x.gold]}\n\n" for x in shots) + doc.query
+
+
+def test_fixed_shots_share_a_prefix_and_never_show_a_document_itself(tmp_path):
+    source = _arc_files(tmp_path)
+    s = _settings(source=source, shots=3, shot_split="test", shot_sampling="fixed")
+    docs, contexts, prefix = B.prepare(s, "fr")
+    assert prefix and prefix.endswith("\n\n")
+    shared = [c for c in contexts if c.startswith(prefix)]
+    assert len(shared) >= len(docs) - 3
+    for doc, ctx in zip(docs, contexts):
+        assert ctx.count(doc.query) == 1  # its own question only once: never as a shot
+        assert ctx.count("\n\n") == 3
+
+
+def test_too_few_shots_is_a_clear_error(tmp_path):
+    source = _arc_files(tmp_path, n_train=2)
+    with pytest.raises(UserError, match="2 documents cannot give 3 shots"):
+        B.prepare(_settings(source=source, shots=3), "fr")
+
+
+def test_settings_layer_preset_benchmark_and_language():
+    from polyalign.stages.evaluate import Config, settings
+
+    cfg = Config(
+        model="base",
+        languages=["fr", "de"],
+        preset="okapi",
+        benchmarks={"m_mmlu": {"task": "mmlu", "source": "x/{lang}_{split}.json", "split": "val", "languages": {"de": {"shots": 5, "limit": 7}}}},
+    )
+    fr, de = settings(cfg, "m_mmlu", "fr"), settings(cfg, "m_mmlu", "de")
+    assert (fr.shots, fr.shot_split, fr.split, fr.template, fr.seed) == (25, "dev", "val", "question_choices_answer", 42)
+    assert (de.shots, de.limit) == (5, 7)
+    lm = Config(model="base", languages=["fr"], preset="lm-eval", benchmarks={"m": {"task": "mmlu", "source": "x/{lang}_{split}.json"}})
+    s = settings(lm, "m", "fr")
+    assert (s.shots, s.template, s.seed) == (0, "letters", 1234)
+
+
+def test_unknown_template_and_keys_are_config_errors():
+    from pydantic import ValidationError
+
+    from polyalign.stages.evaluate import Config
+
+    with pytest.raises(ValidationError, match="template 'qa' is neither"):
+        Config(model="base", languages=["fr"], benchmarks={"m": {"template": "qa"}})
+    with pytest.raises(ValidationError, match="task 'mmlu' needs a file template"):
+        Config(model="base", languages=["fr"], benchmarks={"m": {"task": "mmlu"}})
+    with pytest.raises(ValidationError, match="shotz"):
+        Config(model="base", languages=["fr"], benchmarks={"m": {"shotz": 3}})
+
+
+def test_benchmark_file_content_enters_the_fingerprint(tmp_path):
+    source = _arc_files(tmp_path)
+    over = [f"evaluate.benchmarks.arc.task=arc", f"evaluate.benchmarks.arc.source={source}"]
+    before = load_pipeline(TINY, over).fingerprints()
+    path = tmp_path / "fr_test.json"
+    path.write_text(path.read_text().replace("test question 0", "test question zero"))
+    after = load_pipeline(TINY, over).fingerprints()
+    assert before["evaluate"] != after["evaluate"] and before["sft"] == after["sft"]
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_shared_okapi_files_load_with_both_presets():
+    source = str(SHARED_DATA / "okapi_eval" / "m_arc" / "{lang}_{split}.json")
+    for protocol in ("okapi", "lm-eval"):
+        s = B.Settings(task="arc", protocol=protocol, source=source, **{**B.PRESETS[protocol]["arc"], "shots": 25}, seed=1, limit=3)
+        docs, contexts, _ = B.prepare(s, "vi")
+        assert len(docs) == 3 and all(c.count("\nAnswer:") == 26 for c in contexts)
