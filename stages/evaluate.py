@@ -453,7 +453,7 @@ def collect(cfg: Config, per_lang: dict[str, dict], variants: list[str]) -> dict
                 for k in ("acc", "acc_norm"):
                     macro[v][k] = sum(r[k] for r in rows) / len(rows)
                     errs = [r[f"{k}_stderr"] for r in rows]
-                    macro[v][f"{k}_stderr"] = math.sqrt(sum(e * e for e in errs)) / len(rows) if all(e == e for e in errs) else math.nan
+                    macro[v][f"{k}_stderr"] = math.sqrt(sum(e * e for e in errs)) / len(rows) if None not in errs else None
         settings_by_lang = {lang: per_lang[lang]["benchmarks"][name]["settings"] for lang in per_lang if name in per_lang[lang]["benchmarks"]}
         benches[name] = {"languages": langs, "macro": macro, "missing": missing, "settings": settings_by_lang}
     results: dict[str, Any] = {"stages": variants, "benchmarks": benches}
@@ -473,7 +473,7 @@ def leaderboard_rows(results: dict) -> list[dict]:
                 if m:
                     rows.append({
                         "benchmark": name, "language": lang, "stage": stage,
-                        **{k: round(m[k], 4) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr") if k in m},
+                        **{k: round(m[k], 4) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr") if m.get(k) is not None},
                         "n": m.get("n", m.get("languages")),
                     })
     for kind in ("translation", "responses"):
@@ -550,7 +550,7 @@ def plot(name: str, bench: dict, stages: list[str], target: Path) -> None:
                 xs.append(j + (k - (len(stages) - 1) / 2) * width)
                 ys.append(m[metric])
                 err = m.get(f"{metric}_stderr")
-                errs.append(0.0 if err is None or math.isnan(err) else err)
+                errs.append(err or 0.0)
             ax.bar(xs, ys, width, yerr=errs, capsize=2, label=stage, color=colors[k % len(colors)])
         ax.set_xticks(range(len(langs)), langs)
         ax.set_title(metric)

@@ -254,18 +254,19 @@ def mc_metrics(lls: list[list[float]], docs: list[Any]) -> dict:
     n = len(hits)
     return {
         "n": n,
-        "acc": sum(hits) / n if n else math.nan,
+        "acc": sum(hits) / n if n else None,
         "acc_stderr": mean_stderr(hits),
-        "acc_norm": sum(hits_norm) / n if n else math.nan,
+        "acc_norm": sum(hits_norm) / n if n else None,
         "acc_norm_stderr": mean_stderr(hits_norm),
         "predictions": preds,
     }
 
 
-def mean_stderr(xs: list[float]) -> float:
-    """Standard error of the mean with the n-1 sample deviation (both harnesses' formula)."""
+def mean_stderr(xs: list[float]) -> float | None:
+    """Standard error of the mean with the n-1 sample deviation (both harnesses' formula);
+    None below two documents (JSON has no NaN)."""
     n = len(xs)
     if n < 2:
-        return math.nan
+        return None
     mu = sum(xs) / n
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
