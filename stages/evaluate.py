@@ -226,13 +226,13 @@ def _variants(cfg: Config, inputs) -> dict[str, list[str]]:  # noqa: ANN001
 # multiple choice
 
 
-def evaluate_benchmark(scorer, s, lang: str) -> tuple[list, dict]:  # noqa: ANN001
+def evaluate_benchmark(scorer, s, lang: str, desc: str | None = None) -> tuple[list, dict]:  # noqa: ANN001
     """(documents, metrics incl. predictions) of one benchmark language with one model."""
     from polyalign.stages.core.benchmarks import prepare
     from polyalign.stages.core.scoring import mc_metrics
 
     docs, contexts, prefix = prepare(s, lang)
-    lls = scorer.score(contexts, [[" " + c for c in d.choices] for d in docs], prefix, desc=f"{lang}")
+    lls = scorer.score(contexts, [[" " + c for c in d.choices] for d in docs], prefix, desc=desc or lang)
     return docs, mc_metrics(lls, docs)
 
 
@@ -324,9 +324,9 @@ def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
         entry: dict[str, Any] = {"settings": _describe(s), "models": {}}
         for variant, adapters in variants.items():
             model, tok = cached_lm(path, adapters, inputs.model_dtype(cfg.model))
-            scorer = ChoiceScorer(model, tok, cfg.batch_size, add_special_tokens=cfg.add_special_tokens, progress=False)
+            scorer = ChoiceScorer(model, tok, cfg.batch_size, add_special_tokens=cfg.add_special_tokens)
             try:
-                docs, metrics = evaluate_benchmark(scorer, s, lang)
+                docs, metrics = evaluate_benchmark(scorer, s, lang, desc=f"evaluate[{lang}] {name}/{variant}")
             except FileNotFoundError as exc:
                 entry = {"settings": _describe(s), "missing": f"no file for {lang}: {exc}"}
                 break

@@ -5,7 +5,8 @@ A 25-shot context is about 2K tokens and each of its 4-5 choices only a few. Sco
 context once per choice. `ChoiceScorer` runs the context once per document, keeps its keys
 and values, and scores every choice from that cache; documents are batched. When every
 context starts with the same text (a fixed shot set), that prefix is run once for the whole
-benchmark and each batch starts from its cache.
+benchmark; the documents after it are packed into one sequence per batch, each seeing the
+prefix cache and its own tokens through a block mask.
 
 The numbers are those of lm-evaluation-harness's HF backend: the same context/continuation
 split (trailing spaces of the context move into the continuation; continuation tokens are
@@ -90,7 +91,7 @@ class ChoiceScorer:
         for ctx, conts in zip(contexts, continuations):
             pairs = [self.encode(ctx, c) for c in conts]
             encoded.append((pairs[0][0], [p[1] for p in pairs]))
-        prefix_ids = self._ids(prefix) if prefix else []
+        prefix_ids = self._shared_tokens(self._ids(prefix), encoded, contexts, prefix) if prefix else []
         groups: dict[tuple[bool, bool], list[int]] = {}  # (uses the prefix, alone in its batch) -> docs
         full = []
         for i, (ctx, conts) in enumerate(encoded):
@@ -109,12 +110,31 @@ class ChoiceScorer:
         for (shared, alone), docs in sorted(groups.items()):
             if shared and cache is None:
                 cache = self._run_prefix(prefix_ids)
-            self._cached(encoded, docs, out, bar, prefix_ids if shared else [], cache if shared else None, 1 if alone else self.batch_size)
+            if shared and self.window is None:
+                self._packed(encoded, docs, out, bar, prefix_ids, cache)
+            else:
+                self._cached(encoded, docs, out, bar, prefix_ids if shared else [], cache if shared else None, 1 if alone else self.batch_size)
             self.stats["prefixed" if shared else "cached"] += len(docs)
         self._per_request(encoded, full, out, bar)
         bar.close()
         self.stats["per_request"] += len(full)
         return out
+
+    @staticmethod
+    def _shared_tokens(prefix_ids: list[int], encoded: list, contexts: list[str], prefix: str) -> list[int]:
+        """The prefix tokens every context that starts with the prefix text really shares.
+
+        Tokenized alone, the prefix's last tokens can differ from the same text inside a
+        context (GPT-2-style pre-tokenizers make a trailing "\n\n" one token, but "\n", "\n"
+        before "Question"), so keep the common part only."""
+        common = len(prefix_ids)
+        for (ctx, _), text in zip(encoded, contexts):
+            if text.startswith(prefix):
+                k, top = 0, min(common, len(ctx) - 1)  # leave every context a token of its own
+                while k < top and ctx[k] == prefix_ids[k]:
+                    k += 1
+                common = k
+        return prefix_ids[:common]
 
     # -- the cached path -----------------------------------------------------------------
     def _run_prefix(self, prefix_ids: list[int]) -> Any:
@@ -144,17 +164,17 @@ class ChoiceScorer:
             for r, s in enumerate(suffixes):  # right padding: real tokens never see the pads
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, n_prefix : n_prefix + len(s)] = 1
-            positions = (n_prefix + torch.arange(width)).expand(len(batch), width)
             if prefix_cache is not None:
                 cache = _select(prefix_cache, torch.zeros(len(batch), dtype=torch.long, device=device))
             else:
                 cache = DynamicCache(config=self.model.config)
             last = lengths - 1
             keep = torch.unique(last)  # logits only where each row's context ends
-            # a single document has no padding: the model's own positions and causal mask are exact
-            masks = {} if len(batch) == 1 else {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
+            # pads only follow the real tokens: under the causal mask no real token sees one, and
+            # the default positions (prefix length + index) are right, so no mask is passed and
+            # the model keeps its fast causal attention
             with torch.inference_mode():
-                res = self.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device), **masks)
+                res = self.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
             self.tokens += int(lengths.sum())
             where = {int(p): k for k, p in enumerate(keep)}
             first = torch.log_softmax(
@@ -168,7 +188,8 @@ class ChoiceScorer:
                     scores[(i, c)] = float(first[r, cont[0]])
                     if len(cont) > 1:
                         rows.append((r, i, c))
-            chunk = self.batch_size * 4
+            # each row copies its document's cache: bound rows x cache length, not just rows
+            chunk = max(1, min(self.batch_size * 4, self.batch_size * 1024 // (n_prefix + width)))
             for cstart in range(0, len(rows), chunk):
                 part = rows[cstart : cstart + chunk]
                 conts = [encoded[i][1][c] for _, i, c in part]
@@ -192,6 +213,66 @@ class ChoiceScorer:
                     target = torch.tensor(conts[k][1:])
                     scores[(i, c)] += float(logp[k, : len(target)].gather(1, target[:, None]).sum())
                 del sub, res2
+            for i in batch:
+                out[i] = [scores[(i, c)] for c in range(len(encoded[i][1]))]
+            bar.update(len(batch))
+
+    # -- the shared-prefix path: documents packed after the prefix ----------------------------
+    def _packed(self, encoded, docs, out, bar, prefix_ids, prefix_cache) -> None:  # noqa: ANN001
+        """Several documents after one prefix cache, in one row: each document's suffix and its
+        choices, with a block mask (a suffix sees the prefix and itself; a choice sees the
+        prefix, its document's suffix and itself) and the positions each would have alone."""
+        import torch
+
+        device = self.model.device
+        n_prefix = len(prefix_ids)
+        for start in range(0, len(docs), self.batch_size):
+            batch = docs[start : start + self.batch_size]
+            ids: list[int] = []
+            pos: list[int] = []
+            owner: list[tuple[int, int]] = []  # (document in batch, choice or -1) of each token
+            need: list[tuple[int, int, int, int]] = []  # (token whose logits predict, target, doc, choice)
+            for b, i in enumerate(batch):
+                ctx, conts = encoded[i]
+                suffix = ctx[n_prefix:]
+                last = len(ids) + len(suffix) - 1
+                ids += suffix
+                pos += range(n_prefix, n_prefix + len(suffix))
+                owner += [(b, -1)] * len(suffix)
+                for c, cont in enumerate(conts):
+                    need.append((last, cont[0], i, c))
+                    base = len(ids)
+                    ids += cont[:-1]
+                    pos += range(n_prefix + len(suffix), n_prefix + len(suffix) + len(cont) - 1)
+                    owner += [(b, c)] * (len(cont) - 1)
+                    need += [(base + j, cont[j + 1], i, c) for j in range(len(cont) - 1)]
+            doc_of = torch.tensor([b for b, _ in owner])
+            choice_of = torch.tensor([c for _, c in owner])
+            index = torch.arange(len(ids))
+            visible = (
+                (doc_of[:, None] == doc_of[None, :])
+                & (index[None, :] <= index[:, None])
+                & ((choice_of == -1)[None, :] | (choice_of[:, None] == choice_of[None, :]))
+            )
+            mask = torch.cat([torch.ones(len(ids), n_prefix, dtype=torch.bool), visible], dim=1)[None, None]
+            cache = copy.copy(prefix_cache)  # layers rebind their tensors on update: the prefix stays
+            cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
+            rows = sorted({p for p, _, _, _ in need})
+            where = {p: k for k, p in enumerate(rows)}
+            with torch.inference_mode():
+                res = self.model(
+                    input_ids=torch.tensor([ids], device=device),
+                    position_ids=torch.tensor([pos], device=device),
+                    attention_mask=mask.to(device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=torch.tensor(rows, device=device),
+                )
+            logp = torch.log_softmax(res.logits[0].float(), dim=-1).cpu()
+            self.tokens += len(ids)
+            scores: dict[tuple[int, int], float] = {}
+            for p, target, i, c in need:
+                scores[(i, c)] = scores.get((i, c), 0.0) + float(logp[where[p], target])
             for i in batch:
                 out[i] = [scores[(i, c)] for c in range(len(encoded[i][1]))]
             bar.update(len(batch))

@@ -148,6 +148,22 @@ def test_evaluation_matches_an_independent_forward_pass(tiny_run):
     assert sft_preds[0]["loglikelihoods"] != preds[0]["loglikelihoods"]
 
 
+def test_report_prints_the_leaderboard_from_the_store(tiny_run):
+    from tests.conftest import cli
+
+    *_, pipe, arts = tiny_run
+    store = str(pipe.store.root)
+    proc = cli("report", str(TINY), "--store", store, check=True)
+    assert "### mini_mc_3shot" in proc.stdout and "| **macro** |" in proc.stdout and "plots:" in proc.stdout
+    rows = json.loads(cli("report", str(TINY), "--store", store, "--json", check=True).stdout)
+    results = arts["evaluate"].read_json("results.json")
+    fr_sft = next(r for r in rows if (r["benchmark"], r["language"], r["stage"]) == ("mini_mc", "fr", "sft"))
+    assert fr_sft["acc"] == round(results["benchmarks"]["mini_mc"]["languages"]["fr"]["sft"]["acc"], 4)
+    # a config whose evaluation has not run yet: a one-line error, no traceback
+    proc = cli("report", str(TINY), "--store", store, "--set", "evaluate.limit=3")
+    assert proc.returncode == 2 and "has no results" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_prefect_artifacts_were_created(tiny_run):
     from prefect.artifacts import Artifact
 
@@ -155,6 +171,9 @@ def test_prefect_artifacts_were_created(tiny_run):
     assert summary is not None and "| evaluate |" in summary.data
     table = Artifact.get("polyalign-tiny-evaluation-table")
     assert table is not None
+    rows = json.loads(table.data)
+    assert {r["benchmark"] for r in rows} >= {"mini_mc", "mini_mc_3shot", "translation", "responses"}
+    assert {r["stage"] for r in rows} == {"base", "sft", "aligned"}
 
 
 def test_status_predicts_what_a_config_change_reruns(tiny_run):
