@@ -1,5 +1,6 @@
 """Config validation: shipped configs load, bad configs give one-line errors with exit code 2."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,14 @@ def test_malformed_data_files_are_config_errors(tmp_path):
     assert proc.returncode == 2
     assert f"stages.evaluate: benchmarks.mini_mc: {bad}: row 1: field 'choices' needs at least two" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    okapi = tmp_path / "fr_test.json"
+    row = {"id": "x", "instruction": "?", "option_a": "a", "option_b": "b", "option_c": "c", "option_d": "d", "answer": "A"}
+    okapi.write_text(json.dumps([row, row, {k: v for k, v in row.items() if k != "option_b"}]))
+    source = str(tmp_path / "{lang}_{split}.json")
+    over = ["--set", "evaluate.benchmarks.m_arc.task=arc", "--set", f"evaluate.benchmarks.m_arc.source={source}", "--set", "evaluate.benchmarks.m_arc.shots=0"]
+    proc = cli("validate", str(TINY), *over)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: stages.evaluate: benchmarks.m_arc: {okapi}: row 3: missing field 'option_b'\n"
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"instruction": "x", "instances": []}\nnot json\n')
     proc = cli("validate", str(TINY), "--set", f"self_instruct.seed_tasks={seeds}")
