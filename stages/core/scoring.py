@@ -48,6 +48,7 @@ class ChoiceScorer:
         max_length: int | None = None,
         add_special_tokens: bool = True,
         progress: bool = True,
+        encoding: str = "lm-eval",
     ):
         self.model = model
         self.tok = tokenizer
@@ -60,6 +61,14 @@ class ChoiceScorer:
         window = getattr(model.config, "sliding_window", None)
         types = getattr(model.config, "layer_types", None) or []
         self.window = int(window) if window and (not types or "sliding_attention" in types) else None
+        # "lm-eval": continuation tokens = tok(context + continuation) after len(tok(context));
+        # "okapi": the Okapi harness (lm-eval 0.3) encodes context and continuation separately
+        self.encoding = encoding
+        import inspect
+
+        # batching with pads between context and continuation needs explicit positions; a model
+        # without them (ALiBi: BLOOM, MPT) runs one document at a time, where none are needed
+        self.positional = "position_ids" in inspect.signature(model.forward).parameters and not getattr(model.config, "alibi", False)
 
     # -- tokenization, as lm-eval's HFLM does it ---------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -76,6 +85,8 @@ class ChoiceScorer:
             prefix = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
             cont = self.tok(continuation, add_special_tokens=False)["input_ids"]
             return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
+        if self.encoding == "okapi":
+            return self._ids(context), self.tok(continuation, add_special_tokens=False)["input_ids"]
         spaces = len(context) - len(context.rstrip())
         if spaces:
             continuation = context[-spaces:] + continuation
@@ -100,9 +111,10 @@ class ChoiceScorer:
                 full.append(i)
                 continue
             shared = bool(prefix_ids) and len(ctx) > len(prefix_ids) and ctx[: len(prefix_ids)] == prefix_ids
-            # padded batches put pads between context and continuation; a sliding window counts
-            # them, so a context longer than the window is run alone (no padding at all)
-            alone = self.window is not None and total > self.window
+            # padded batches put pads between context and continuation: a model without position
+            # ids cannot skip them, so its documents run alone (no padding at all); a sliding
+            # window counts them, so its batches are kept inside the window (see _batches)
+            alone = not self.positional or (self.window is not None and total > self.window)
             groups.setdefault((shared, alone), []).append(i)
         out: list[list[float]] = [[] for _ in encoded]
         bar = tqdm(total=len(encoded), desc=desc, unit="doc", disable=not self.progress, leave=False)
@@ -110,7 +122,7 @@ class ChoiceScorer:
         for (shared, alone), docs in sorted(groups.items()):
             if shared and cache is None:
                 cache = self._run_prefix(prefix_ids)
-            if shared and self.window is None:
+            if shared and self.window is None and self.positional:
                 self._packed(encoded, docs, out, bar, prefix_ids, cache)
             else:
                 self._cached(encoded, docs, out, bar, prefix_ids if shared else [], cache if shared else None, 1 if alone else self.batch_size)
@@ -153,8 +165,7 @@ class ChoiceScorer:
         device = self.model.device
         n_prefix = len(prefix_ids)
         docs = sorted(docs, key=lambda i: -len(encoded[i][0]))
-        for start in range(0, len(docs), batch_size):
-            batch = docs[start : start + batch_size]
+        for batch in self._batches(encoded, docs, n_prefix, batch_size):
             suffixes = [encoded[i][0][n_prefix:] for i in batch]
             lengths = torch.tensor([len(s) for s in suffixes])
             width = int(lengths.max())
@@ -217,6 +228,26 @@ class ChoiceScorer:
                 out[i] = [scores[(i, c)] for c in range(len(encoded[i][1]))]
             bar.update(len(batch))
 
+    def _batches(self, encoded, docs, n_prefix: int, batch_size: int):  # noqa: ANN001
+        """Consecutive documents (longest first), at most `batch_size`; for a sliding-window
+        model also no longer than the window once padded: a continuation sits after the
+        batch's widest context, and the window is counted in cache slots, pads included."""
+        batch: list[int] = []
+        width = longest = 0
+        for i in docs:
+            ctx, conts = encoded[i]
+            w, c = max(width, len(ctx) - n_prefix), max(longest, max(len(x) for x in conts))
+            full = len(batch) >= batch_size or (
+                self.window is not None and batch and n_prefix + w + c - 1 > self.window
+            )
+            if full:
+                yield batch
+                batch, w, c = [], len(ctx) - n_prefix, max(len(x) for x in conts)
+            batch.append(i)
+            width, longest = w, c
+        if batch:
+            yield batch
+
     # -- the shared-prefix path: documents packed after the prefix ----------------------------
     def _packed(self, encoded, docs, out, bar, prefix_ids, prefix_cache) -> None:  # noqa: ANN001
         """Several documents after one prefix cache, in one row: each document's suffix and its
@@ -254,7 +285,10 @@ class ChoiceScorer:
                 & (index[None, :] <= index[:, None])
                 & ((choice_of == -1)[None, :] | (choice_of[:, None] == choice_of[None, :]))
             )
-            mask = torch.cat([torch.ones(len(ids), n_prefix, dtype=torch.bool), visible], dim=1)[None, None]
+            allowed = torch.cat([torch.ones(len(ids), n_prefix, dtype=torch.bool), visible], dim=1)
+            # additive (0 / most negative) rather than boolean: eager attention adds a custom 4D mask
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
             cache = copy.copy(prefix_cache)  # layers rebind their tensors on update: the prefix stays
             cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
             rows = sorted({p for p, _, _, _ in need})
@@ -326,7 +360,7 @@ def mc_metrics(lls: list[list[float]], docs: list[Any]) -> dict:
     """acc, acc_norm (log-likelihood per character of the choice) and their standard errors."""
     hits, hits_norm, preds = [], [], []
     for scores, doc in zip(lls, docs):
-        normed = [s / len(c) for s, c in zip(scores, doc.choices)]
+        normed = [s / max(len(c), 1) for s, c in zip(scores, doc.choices)]
         pred = max(range(len(scores)), key=scores.__getitem__)
         pred_norm = max(range(len(normed)), key=normed.__getitem__)
         hits.append(float(pred == doc.gold))

@@ -83,3 +83,58 @@ def test_requests_longer_than_the_model_are_truncated_like_lm_eval(byte_level):
     assert scorer.stats["per_request"] == 2
     full = ChoiceScorer(model, tok, batch_size=2, progress=False).score(contexts, conts)
     assert got != full  # the left-truncated context changes the numbers
+
+
+def _model(kind: str, vocab: int):
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(1)
+    if kind == "bloom":  # ALiBi: no position ids
+        return BloomForCausalLM(BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4)).eval()
+    if kind == "sliding":  # a window shorter than the contexts
+        cfg = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=40, max_position_embeddings=4096)
+        return MistralForCausalLM(cfg).eval()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=4096)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("kind", ["eager", "sliding", "bloom"])
+def test_every_path_matches_per_request_scoring_across_architectures(byte_level, kind):
+    _, tok = byte_level
+    model = _model(kind, len(tok))
+    docs = _docs(6)
+    # contexts of very different lengths batched together, and a shared shot prefix
+    contexts = [("Some words. " * (2 * i)) + d.query for i, d in enumerate(docs)]
+    conts = [[" " + c for c in d.choices] for d in docs]
+    prefix = "".join(f"{B.shot_text(s)}\n\n" for s in _docs(9)[6:])
+    for ctxs, pre in ((contexts, None), ([prefix + d.query for d in docs], prefix)):
+        scorer = ChoiceScorer(model, tok, batch_size=4, progress=False)
+        got = scorer.score(ctxs, conts, pre)
+        assert scorer.stats["per_request"] == 0
+        want = _reference(scorer, ctxs, conts)
+        assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-4, (kind, pre is not None)
+
+
+def test_okapi_encoding_tokenizes_context_and_continuation_apart(byte_level):
+    model, tok = byte_level
+    lm_eval_style = ChoiceScorer(model, tok, progress=False, add_special_tokens=True)
+    okapi_style = ChoiceScorer(model, tok, progress=False, add_special_tokens=False, encoding="okapi")
+    ctx, cont = okapi_style.encode("Answer:", " Mercury")
+    assert ctx == tok("Answer:", add_special_tokens=False)["input_ids"]
+    assert cont == tok(" Mercury", add_special_tokens=False)["input_ids"]
+    assert lm_eval_style.encode("Answer: ", "Mercury")[1] == tok("Answer: Mercury")["input_ids"][len(tok("Answer:")["input_ids"]) :]
+
+
+def test_sliding_window_batches_stay_inside_the_window(byte_level):
+    _, tok = byte_level
+    model = _model("sliding", len(tok))  # window 40
+    long_ctx = TEXT[0] + " " + TEXT[1] + " Answer:"  # ~28 tokens, short choices
+    short_ctx = "Answer:"  # a few tokens, long choices
+    contexts = [long_ctx, short_ctx]
+    conts = [[" no", " yes"], [" " + TEXT[2] + " " + TEXT[3], " " + TEXT[3]]]  # ~20 tokens
+    lengths = [len(tok(c + x[0])["input_ids"]) for c, x in zip(contexts, conts)]
+    assert all(n <= 40 for n in lengths)  # each fits the window alone, not once padded together
+    scorer = ChoiceScorer(model, tok, batch_size=4, progress=False)
+    got = scorer.score(contexts, conts)
+    want = _reference(scorer, contexts, conts)
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-4
