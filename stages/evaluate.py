@@ -56,6 +56,15 @@ class Overrides(_Strict):
     template: str | None = Field(None, description="Prompt template (a name or a text with {question}).")
     limit: int | None = Field(None, gt=0, description="Evaluate at most this many documents.")
 
+    @field_validator("template")
+    @classmethod
+    def _template_known(cls, value: str | None) -> str | None:
+        from polyalign.stages.core.benchmarks import TEMPLATES
+
+        if value is not None and value not in TEMPLATES and "{question}" not in value:
+            raise ValueError(f"template {value!r} is neither one of {', '.join(TEMPLATES)} nor a text with {{question}}")
+        return value
+
 
 class Benchmark(Overrides):
     """One multiple-choice benchmark. Unset fields come from the protocol preset."""
@@ -63,7 +72,7 @@ class Benchmark(Overrides):
     task: Literal["arc", "mmlu", "hellaswag", "mc"] = Field(
         "mc", description="Row format and preset family: arc, mmlu, hellaswag (Okapi files) or mc (built-in)."
     )
-    source: str | None = Field(
+    source: str = Field(
         "builtin",
         description="'builtin' (mini benchmark), a file path template with {lang} and {split} "
         "(JSON array or JSONL), or 'hf:<dataset>[@revision]' (a Hugging Face dataset, config = language).",
@@ -83,15 +92,6 @@ class Benchmark(Overrides):
         if self.source == "builtin" and self.task != "mc":
             raise ValueError(f"source: the built-in benchmark is task 'mc'; task {self.task!r} needs a file template or hf: name")
         return self
-
-    @field_validator("template")
-    @classmethod
-    def _template_known(cls, value: str | None) -> str | None:
-        from polyalign.stages.core.benchmarks import TEMPLATES
-
-        if value is not None and value not in TEMPLATES and "{question}" not in value:
-            raise ValueError(f"template {value!r} is neither one of {', '.join(TEMPLATES)} nor a text with {{question}}")
-        return value
 
 
 class Translation(_Strict):
@@ -129,8 +129,10 @@ class Config(StageConfig):
     )
     limit: int | None = Field(None, gt=0, description="Default cap on documents per benchmark and language.")
     include_base: bool = Field(True, description="Also score the base model without adapters.")
-    add_special_tokens: bool = Field(
-        True, description="Tokenize requests with the tokenizer's default special tokens (BOS for Llama, Gemma), as lm-eval does."
+    add_special_tokens: bool | None = Field(
+        None,
+        description="Tokenize requests with the tokenizer's default special tokens (BOS for Llama, Gemma). "
+        "Default: the protocol's choice (lm-eval: yes; okapi: no, as its harness did).",
     )
     translation: Translation | None = Field(None, description="Translation test set (BLEU, chrF++).")
     responses: Responses | None = Field(None, description="Held-out prompts for reward-model scores and judge win rates.")
@@ -142,21 +144,35 @@ class Config(StageConfig):
     def _files_are_valid(self) -> "Config":
         """Read every local benchmark file now: a malformed row is a config error, not a crash
         after hours of training. Missing files are allowed (reported per language)."""
-        from polyalign.stages.core.benchmarks import load_rows
+        from polyalign.stages.core.benchmarks import check_pool, load_rows
         from polyalign.stages.core.errors import UserError
 
         for name, bench in self.benchmarks.items():
+            unknown = sorted(set(bench.languages) - set(self.languages))
+            if unknown:
+                raise ValueError(f"benchmarks.{name}.languages: {', '.join(unknown)} not among the evaluated languages")
             for lang in self.languages:
                 s = settings(self, name, lang)
-                for split in {s.split, s.shot_split} if s.shots else {s.split}:
-                    if s.source.startswith("hf:"):
-                        continue
-                    try:
-                        load_rows(s.task, s.source, lang, split)
-                    except FileNotFoundError:
-                        continue
-                    except UserError as exc:
-                        raise ValueError(f"benchmarks.{name}: {exc}") from None
+                if s.source.startswith("hf:"):
+                    continue
+                try:
+                    for split in [s.split] + ([s.shot_split] if s.shots else []):
+                        try:
+                            rows = load_rows(s.task, s.source, lang, split)
+                        except FileNotFoundError:
+                            continue  # reported per language when the stage runs
+                        if split == s.shot_split and s.shots:
+                            check_pool(s, len(rows), 0, lang)
+                except UserError as exc:
+                    raise ValueError(f"benchmarks.{name}: {exc}") from None
+        if self.responses is not None and not _prompts_path(self.responses).is_file():
+            raise ValueError(f"responses.prompts: file {str(_prompts_path(self.responses))!r} does not exist")
+        if self.translation is not None:
+            try:
+                for lang in self.languages:
+                    _translation_files(self.translation, lang)
+            except UserError as exc:
+                raise ValueError(f"translation: {exc}") from None
         return self
 
     def data_files(self) -> dict[str, str]:
@@ -188,7 +204,8 @@ def settings(cfg: Config, name: str, lang: str) -> Any:
     bench = cfg.benchmarks[name]
     protocol = bench.protocol or cfg.preset
     values: dict[str, Any] = dict(PRESETS[protocol][bench.task])
-    values.update(source=bench.source, limit=cfg.limit, seed=PROTOCOL_SEED[protocol], shot_sampling="random")
+    values.setdefault("shot_sampling", "random")
+    values.update(source=bench.source, limit=cfg.limit, seed=PROTOCOL_SEED[protocol])
     for layer in (bench, bench.languages.get(lang)):
         if layer is None:
             continue
@@ -249,10 +266,12 @@ def _translation_files(t: Translation, lang: str) -> dict[str, Path]:
         from polyalign.stages.core.benchmarks import builtin_path
 
         return {"builtin": builtin_path()}
+    from polyalign.stages.core.benchmarks import fill_template
+
     assert t.reference is not None
     return {
-        "source": Path(t.source.format(src=t.source_lang, lang=lang)).expanduser(),
-        "reference": Path(t.reference.format(src=t.source_lang, lang=lang)).expanduser(),
+        kind: Path(fill_template(template, kind, src=t.source_lang, lang=lang)).expanduser()
+        for kind, template in (("source", t.source), ("reference", t.reference))
     }
 
 
@@ -324,7 +343,8 @@ def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
         entry: dict[str, Any] = {"settings": _describe(s), "models": {}}
         for variant, adapters in variants.items():
             model, tok = cached_lm(path, adapters, inputs.model_dtype(cfg.model))
-            scorer = ChoiceScorer(model, tok, cfg.batch_size, add_special_tokens=cfg.add_special_tokens)
+            special = cfg.add_special_tokens if cfg.add_special_tokens is not None else s.protocol == "lm-eval"
+            scorer = ChoiceScorer(model, tok, cfg.batch_size, add_special_tokens=special, encoding=s.protocol)
             try:
                 docs, metrics = evaluate_benchmark(scorer, s, lang, desc=f"evaluate[{lang}] {name}/{variant}")
             except FileNotFoundError as exc:
@@ -447,7 +467,7 @@ def collect(cfg: Config, per_lang: dict[str, dict], variants: list[str]) -> dict
                 langs[lang] = entry["models"]
         macro = {}
         for v in variants:
-            rows = [m[v] for m in langs.values() if v in m]
+            rows = [m[v] for m in langs.values() if v in m and m[v].get("acc") is not None]
             if rows:  # mean over languages; its stderr from the per-language ones (independent sets)
                 macro[v] = {"languages": len(rows)}
                 for k in ("acc", "acc_norm"):
@@ -507,8 +527,8 @@ def markdown(results: dict) -> str:
                 m = b["macro"].get(s)
                 cells += [f"**{_fmt(m['acc'])}**", f"**{_fmt(m['acc_norm'])}**"] if m else ["n/a", "n/a"]
             lines.append("| **macro** | " + " | ".join(cells) + " |")
-        for lang, why in b["missing"].items():
-            lines.append(f"\n_{lang}: {why}_")
+        if b["missing"]:
+            lines += ["", "Not evaluated:"] + [f"- {lang}: {why}" for lang, why in b["missing"].items()]
         parts.append("\n".join(lines))
     for kind, metrics in (("translation", ("bleu", "chrf++")), ("responses", ("reward_mean", "judge_rating", "win_rate_vs_base"))):
         block = results.get(kind)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "lm-eval": {
         "arc": dict(split="test", shot_split="train", shots=0, template="question_answer", preprocess=True),
-        "mmlu": dict(split="test", shot_split="dev", shots=0, template="letters", preprocess=False),
+        # lm-eval's m_mmlu takes the first shots of its few-shot split (sampler first_n)
+        "mmlu": dict(split="test", shot_split="dev", shots=0, template="letters", preprocess=False, shot_sampling="first_n"),
         "hellaswag": dict(split="validation", shot_split="validation", shots=0, template="hellaswag", preprocess=True),
         "mc": dict(split="test", shot_split="test", shots=0, template="question_answer", preprocess=False),
     },
@@ -77,7 +78,6 @@ class Settings:
     shot_sampling: str = "random"  # random (per document) | fixed (one draw for all) | first_n
     seed: int = 42
     limit: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ def normalise(task: str, path: Path, rows: list[dict]) -> list[dict]:
             ctx_a = _need(path, i, row, "ctx_a", str)
             ctx_b = _need(path, i, row, "ctx_b", str)
             endings = _need(path, i, row, "endings", list)
-            if len(endings) < 2 or not all(isinstance(e, str) for e in endings):
-                raise UserError(f"{path}: row {i}: field 'endings' needs at least two strings")
+            if len(endings) < 2 or not all(isinstance(e, str) and e.strip() for e in endings):
+                raise UserError(f"{path}: row {i}: field 'endings' needs at least two non-empty strings")
             gold = _need(path, i, row, "label", (str, int))
             try:
                 gold = int(gold)
@@ -190,10 +190,21 @@ def resolve_file(source: str, lang: str, split: str) -> Path | None:
         return builtin_path()
     if source.startswith("hf:"):
         return None
+    return Path(fill_template(source, "source", lang=lang, split=split)).expanduser()
+
+
+def fill_template(template: str, what: str, **values: str) -> str:
+    """`template` with {name} fields filled; anything else in braces is a one-line error."""
+    import string
+
+    allowed = ", ".join("{" + k + "}" for k in values)
     try:
-        return Path(source.format(lang=lang, split=split)).expanduser()
-    except (KeyError, IndexError):
-        raise UserError(f"benchmark source {source!r}: only {{lang}} and {{split}} may appear in braces") from None
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        fields = [("?", "", None)]
+    if any(f not in values or spec or conv for f, spec, conv in fields):
+        raise UserError(f"{what} {template!r}: only {allowed} may appear in braces")
+    return template.format(**values)
 
 
 _CACHE: dict[tuple, list[dict]] = {}
@@ -209,7 +220,13 @@ def load_rows(task: str, source: str, lang: str, split: str) -> list[dict]:
     stat = path.stat()
     key = (task, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _CACHE:
-        _CACHE[key] = normalise(task, path, read_rows(path))
+        try:
+            rows = read_rows(path)
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if not rows:
+            raise UserError(f"{path}: no rows")
+        _CACHE[key] = normalise(task, path, rows)
     rows = _CACHE[key]
     if task == "mc":  # mc rows name their language: one file may hold several
         rows = [r for r in rows if r["lang"] == lang]
@@ -265,7 +282,7 @@ def shot_text(doc: Doc) -> str:
     return doc.query + " " + doc.choices[doc.gold]
 
 
-def build_contexts(docs: list[Doc], pool: list[Doc], s: Settings, same_split: bool) -> tuple[list[Doc], list[str], str | None]:
+def build_contexts(docs: list[Doc], pool: list[Doc], s: Settings, same_split: bool, lang: str = "") -> tuple[list[Doc], list[str], str | None]:
     """Order the documents, draw their shots and return (docs, contexts, shared prefix or None).
 
     The shared prefix is the text every context starts with when all documents have the same
@@ -279,18 +296,19 @@ def build_contexts(docs: list[Doc], pool: list[Doc], s: Settings, same_split: bo
         docs = docs[: s.limit]
     if s.shots == 0:
         return docs, [d.query for d in docs], None
-    if len(pool) < s.shots + (1 if same_split or s.shot_sampling == "fixed" else 0):
-        raise UserError(f"{s.source} ({s.shot_split}): {len(pool)} documents cannot give {s.shots} shots")
+    # Okapi's harness draws exactly k shots for tasks with training docs (ARC), otherwise k+1
+    # and drops the document itself (MMLU, HellaSwag); lm-eval draws k+1 only when the shots
+    # come from the evaluated split; fixed and first_n take k+1 once
+    exact_k = s.protocol == "okapi" and s.task == "arc"
+    extra = 0 if exact_k else 1 if (same_split or (s.protocol == "okapi" and s.shot_sampling == "random")) else 0
+    check_pool(s, len(pool), extra, lang)
 
     def draw(doc: Doc) -> list[Doc]:
-        if s.protocol == "okapi" and s.shot_split == "train":
-            return rnd.sample(pool, s.shots)  # the Okapi harness: tasks with training docs draw exactly k
-        extra = 1 if (same_split or s.protocol == "okapi") else 0
         return [x for x in rnd.sample(pool, s.shots + extra) if x != doc][: s.shots]
 
     if s.shot_sampling in ("fixed", "first_n"):
         # one shot set for all documents (a document drawn as a shot gets the next one instead)
-        head = pool[: s.shots + 1] if s.shot_sampling == "first_n" else rnd.sample(pool, s.shots + 1)
+        head = pool[: s.shots + 1] if s.shot_sampling == "first_n" else rnd.sample(pool, min(len(pool), s.shots + 1))
         shot_sets = [[x for x in head if x != d][: s.shots] for d in docs]
         common = head[: s.shots]
         prefix = "\n\n".join(shot_text(x) for x in common) + "\n\n"
@@ -301,6 +319,12 @@ def build_contexts(docs: list[Doc], pool: list[Doc], s: Settings, same_split: bo
     return docs, contexts, prefix
 
 
+def check_pool(s: Settings, size: int, extra: int, lang: str) -> None:
+    if size < s.shots + extra:
+        where = resolve_file(s.source, lang, s.shot_split) or f"{s.source} {lang}/{s.shot_split}"
+        raise UserError(f"{where}: {size} documents cannot give {s.shots} shots")
+
+
 def prepare(s: Settings, lang: str) -> tuple[list[Doc], list[str], str | None]:
     """Read, check and turn one benchmark language into (docs, contexts, shared prefix)."""
     docs = [to_doc(r, s.template, s.preprocess) for r in load_rows(s.task, s.source, lang, s.split)]
@@ -308,4 +332,4 @@ def prepare(s: Settings, lang: str) -> tuple[list[Doc], list[str], str | None]:
     same = s.shot_split == s.split or s.task == "mc"
     if s.shots:
         pool = docs if same else [to_doc(r, s.template, s.preprocess) for r in load_rows(s.task, s.source, lang, s.shot_split)]
-    return build_contexts(docs, pool, s, same)
+    return build_contexts(docs, pool, s, same, lang)

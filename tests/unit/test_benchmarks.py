@@ -59,7 +59,7 @@ def test_malformed_hellaswag_and_jsonl_rows(tmp_path):
 
 def test_missing_language_file_is_not_an_error_until_run(tmp_path):
     with pytest.raises(FileNotFoundError):
-        B.load_rows("arc", str(tmp_path / "{lang}_{split}.json"), "sw", "test")
+        B.load_rows("arc", str(tmp_path / "{lang}_{split}.json"), "ta", "test")
 
 
 def test_templates_of_both_protocols():
@@ -109,7 +109,7 @@ def test_fixed_shots_share_a_prefix_and_never_show_a_document_itself(tmp_path):
 
 def test_too_few_shots_is_a_clear_error(tmp_path):
     source = _arc_files(tmp_path, n_train=2)
-    with pytest.raises(UserError, match="2 documents cannot give 3 shots"):
+    with pytest.raises(UserError, match="fr_train.json: 2 documents cannot give 3 shots"):
         B.prepare(_settings(source=source, shots=3), "fr")
 
 
@@ -145,7 +145,7 @@ def test_unknown_template_and_keys_are_config_errors():
 
 def test_benchmark_file_content_enters_the_fingerprint(tmp_path):
     source = _arc_files(tmp_path)
-    over = [f"evaluate.benchmarks.arc.task=arc", f"evaluate.benchmarks.arc.source={source}"]
+    over = ["evaluate.benchmarks.arc.task=arc", f"evaluate.benchmarks.arc.source={source}", "evaluate.benchmarks.arc.shots=2"]
     before = load_pipeline(TINY, over).fingerprints()
     path = tmp_path / "fr_test.json"
     path.write_text(path.read_text().replace("test question 0", "test question zero"))
@@ -160,3 +160,66 @@ def test_shared_okapi_files_load_with_both_presets():
         s = B.Settings(task="arc", protocol=protocol, source=source, **{**B.PRESETS[protocol]["arc"], "shots": 25}, seed=1, limit=3)
         docs, contexts, _ = B.prepare(s, "vi")
         assert len(docs) == 3 and all(c.count("\nAnswer:") == 26 for c in contexts)
+
+
+def test_okapi_mmlu_draws_k_plus_one_whatever_the_shot_split_is_called(tmp_path):
+    source = _arc_files(tmp_path)  # the same rows serve as MMLU rows (same format)
+    s = _settings(task="mmlu", protocol="okapi", source=source, shots=3, seed=42, limit=3, template="question_choices_answer")
+    docs, contexts, _ = B.prepare(s, "fr")
+    test = [B.to_doc(r, s.template, False) for r in B.load_rows("mmlu", source, "fr", "test")]
+    train = [B.to_doc(r, s.template, False) for r in B.load_rows("mmlu", source, "fr", "train")]
+    rnd = random.Random(42)
+    rnd.shuffle(test)
+    for doc, ctx in zip(test[:3], contexts):
+        shots = [x for x in rnd.sample(train, 4) if x != doc][:3]
+        assert ctx == "".join(f"{B.shot_text(x)}\n\n" for x in shots) + doc.query
+
+
+@pytest.mark.parametrize("source", ["{lang}_{split", "{lang!r}_{split}.json", "{lang.upper}_{split}.json", "{language}.json"])
+def test_bad_source_templates_are_one_line_errors(source):
+    with pytest.raises(UserError, match=r"only \{lang\}, \{split\} may appear in braces"):
+        B.resolve_file(source, "fr", "test")
+
+
+def test_empty_and_undecodable_files_are_named(tmp_path):
+    (tmp_path / "fr_test.json").write_text("[]")
+    with pytest.raises(UserError, match=r"fr_test.json: no rows"):
+        B.load_rows("arc", str(tmp_path / "{lang}_{split}.json"), "fr", "test")
+    (tmp_path / "de_test.json").write_bytes(b"\xff\xfe[")
+    with pytest.raises(UserError, match=r"de_test.json: not UTF-8 text"):
+        B.load_rows("arc", str(tmp_path / "{lang}_{split}.json"), "de", "test")
+
+
+def test_config_checks_per_language_overrides_prompts_and_shot_pools(tmp_path):
+    from pydantic import ValidationError
+
+    from polyalign.stages.evaluate import Config
+
+    with pytest.raises(ValidationError, match="template 'qa' is neither"):
+        Config(model="base", languages=["fr"], benchmarks={"m": {"languages": {"fr": {"template": "qa"}}}})
+    with pytest.raises(ValidationError, match="benchmarks.m.languages: ta not among the evaluated languages"):
+        Config(model="base", languages=["fr"], benchmarks={"m": {"languages": {"ta": {"shots": 1}}}})
+    with pytest.raises(ValidationError, match="responses.prompts: file '/nowhere.jsonl' does not exist"):
+        Config(model="base", languages=["fr"], responses={"prompts": "/nowhere.jsonl"})
+    with pytest.raises(ValidationError, match=r"translation: source '/x/\{split\}.txt': only \{src\}, \{lang\}"):
+        Config(model="base", languages=["fr"], translation={"source": "/x/{split}.txt", "reference": "/y/{lang}.txt"})
+    source = _arc_files(tmp_path, n_train=4)
+    with pytest.raises(ValidationError, match="fr_train.json: 4 documents cannot give 25 shots"):
+        Config(model="base", languages=["fr"], benchmarks={"m": {"task": "arc", "source": source}})
+
+
+def test_a_language_without_a_file_is_reported_and_the_others_kept():
+    from polyalign.stages.evaluate import Config, collect, markdown
+
+    cfg = Config(model="base", languages=["fr", "ta"], benchmarks={"m": {}})
+    metrics = {"n": 24, "acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.09}
+    per_lang = {
+        "fr": {"benchmarks": {"m": {"settings": {}, "models": {"base": metrics}}}},
+        "ta": {"benchmarks": {"m": {"settings": {}, "missing": "no file for ta: x/ta_test.json"}}},
+    }
+    results = collect(cfg, per_lang, ["base"])
+    bench = results["benchmarks"]["m"]
+    assert list(bench["languages"]) == ["fr"] and bench["missing"] == {"ta": "no file for ta: x/ta_test.json"}
+    assert bench["macro"]["base"]["acc"] == 0.5 and bench["macro"]["base"]["languages"] == 1
+    md = markdown(results)
+    assert "| fr (n=24) | 0.500 ± 0.100 | 0.250 ± 0.090 |" in md and "- ta: no file for ta: x/ta_test.json" in md
