@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
 
-VERSION = "3"
+VERSION = "4"
 INPUTS: dict[str, str] = {}
 OPTIONAL_INPUTS = {
     "sft": "the SFT adapter (sft)",

@@ -38,9 +38,9 @@ def score(model, tok, conversations: list[list[dict[str, str]]], batch_size: int
 
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
     rewards: list[float] = []
-    tok.padding_side = "right"
     for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        # right padding for this call only: the tokenizer may be shared with generation (left)
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             rewards.extend(model(**enc).logits[:, 0].float().tolist())
     return rewards

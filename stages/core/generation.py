@@ -61,7 +61,7 @@ class LocalLM:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             enc = self.tok(
-                [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+                [prompts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
             ).to(self.model.device)
             sample = params.temperature > 0
             kwargs: dict[str, Any] = dict(

@@ -59,3 +59,20 @@ def test_default_chat_template_ends_turns_with_the_models_eos(tiny_lm):
     # a base model whose EOS is something else (Gemma: <eos>) gets its own EOS at turn ends
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tok.eos_token_id) == 2
+
+
+def test_reward_scoring_leaves_a_shared_tokenizer_left_padded(tiny_lm):
+    """The evaluate stage scores responses with the reward model using the tokenizer its
+    generation uses: scoring must not flip it to right padding (it once did)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from polyalign.stages.reward_model import score
+
+    lm = LocalLM(*tiny_lm, batch_size=2, progress=False)
+    cfg = LlamaConfig(vocab_size=len(lm.tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_labels=1, pad_token_id=lm.tok.pad_token_id)
+    rm = LlamaForSequenceClassification(cfg).eval()
+    before = lm.generate(["Name a colour.", "Hi"], SamplingParams(max_new_tokens=6))
+    conv = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend"}], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
+    score(rm, lm.tok, conv, batch_size=2)
+    assert lm.tok.padding_side == "left"
+    assert lm.generate(["Name a colour.", "Hi"], SamplingParams(max_new_tokens=6)) == before
