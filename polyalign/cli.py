@@ -115,6 +115,10 @@ def run(
     pipe = _load(config, set_, store)
     if until is not None and until not in pipe.nodes:
         _fail(f"--until: unknown stage {until!r} (stages: {', '.join(pipe.order)})")
+    import os
+
+    # the embedded server's usage telemetry cannot reach out offline and logs an ERROR each time
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from polyalign.flows.pipeline import polyalign_flow
