@@ -576,7 +576,7 @@ def plot(name: str, bench: dict, stages: list[str], target: Path) -> None:
         ax.set_title(metric)
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
-        chance = _chance(bench)
+        chance = bench.get("chance")  # mean 1/number-of-choices, set by finish()
         if chance:
             ax.axhline(chance, color="black", linestyle="--", linewidth=0.8)
     axes[0].set_ylabel("accuracy")
@@ -586,11 +586,6 @@ def plot(name: str, bench: dict, stages: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=110)
     plt.close(fig)
-
-
-def _chance(bench: dict) -> float | None:
-    """Mean 1/number-of-choices over the documents, from the predictions' shape."""
-    return bench.get("chance")
 
 
 def finish(cfg: Config, inputs, out) -> None:  # noqa: ANN001
