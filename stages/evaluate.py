@@ -24,14 +24,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
 
+if TYPE_CHECKING:  # torch stays out of config validation
+    from polyalign.stages.core.benchmarks import Settings
+    from polyalign.stages.core.scoring import ChoiceScorer
+
 VERSION = "4"
+OUTPUTS = ("metrics.json", "results.json", "results.md", "results/*.json")  # in every artifact of this stage
 INPUTS: dict[str, str] = {}
 OPTIONAL_INPUTS = {
     "sft": "the SFT adapter (sft)",
@@ -144,7 +150,7 @@ class Config(StageConfig):
     def _files_are_valid(self) -> "Config":
         """Read every local benchmark file now: a malformed row is a config error, not a crash
         after hours of training. Missing files are allowed (reported per language)."""
-        from polyalign.stages.core.benchmarks import check_pool, load_rows
+        from polyalign.stages.core.benchmarks import BenchmarkUnavailable, check_pool, load_rows
         from polyalign.stages.core.errors import UserError
 
         for name, bench in self.benchmarks.items():
@@ -159,8 +165,8 @@ class Config(StageConfig):
                     for split in [s.split] + ([s.shot_split] if s.shots else []):
                         try:
                             rows = load_rows(s.task, s.source, lang, split)
-                        except FileNotFoundError:
-                            continue  # reported per language when the stage runs
+                        except (FileNotFoundError, BenchmarkUnavailable):
+                            continue  # missing: reported per language; unreadable: that unit fails
                         if split == s.shot_split and s.shots:
                             check_pool(s, len(rows), 0, lang)
                 except UserError as exc:
@@ -197,7 +203,7 @@ class Config(StageConfig):
         return files
 
 
-def settings(cfg: Config, name: str, lang: str) -> Any:
+def settings(cfg: Config, name: str, lang: str) -> Settings:
     """The resolved settings of benchmark `name` in language `lang` (preset < benchmark < language)."""
     from polyalign.stages.core.benchmarks import PRESETS, PROTOCOL_SEED, Settings
 
@@ -228,7 +234,7 @@ def units(cfg: Config) -> list[str]:
     return list(cfg.languages)
 
 
-def _variants(cfg: Config, inputs) -> dict[str, list[str]]:  # noqa: ANN001
+def _variants(cfg: Config, inputs: Inputs) -> dict[str, list[str]]:
     variants: dict[str, list[str]] = {"base": []} if cfg.include_base else {}
     sft = inputs.get("sft")
     if sft is not None:
@@ -243,7 +249,7 @@ def _variants(cfg: Config, inputs) -> dict[str, list[str]]:  # noqa: ANN001
 # multiple choice
 
 
-def evaluate_benchmark(scorer, s, lang: str, desc: str | None = None) -> tuple[list, dict]:  # noqa: ANN001
+def evaluate_benchmark(scorer: ChoiceScorer, s: Settings, lang: str, desc: str | None = None) -> tuple[list, dict]:
     """(documents, metrics incl. predictions) of one benchmark language with one model."""
     from polyalign.stages.core.benchmarks import prepare
     from polyalign.stages.core.scoring import mc_metrics
@@ -253,7 +259,7 @@ def evaluate_benchmark(scorer, s, lang: str, desc: str | None = None) -> tuple[l
     return docs, mc_metrics(lls, docs)
 
 
-def _describe(s) -> dict:  # noqa: ANN001
+def _describe(s: Settings) -> dict:
     return {k: getattr(s, k) for k in ("task", "protocol", "source", "split", "shot_split", "shots", "template", "shot_sampling", "seed", "limit")}
 
 
@@ -329,27 +335,28 @@ def heldout_prompts(r: Responses, lang: str) -> list[dict]:
 # the unit: one language
 
 
-def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
-    from polyalign.stages.core.models import cached_lm
+def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> None:
+    from polyalign.stages.core.loading import use_lm
     from polyalign.stages.core.scoring import ChoiceScorer
 
     if out.exists(f"results/{lang}.json"):
         return
     path = inputs.model(cfg.model)
+    dtype = inputs.model_dtype(cfg.model)
     variants = _variants(cfg, inputs)
     result: dict[str, Any] = {"lang": lang, "benchmarks": {}, "tokens": 0}
     for name in cfg.benchmarks:
         s = settings(cfg, name, lang)
         entry: dict[str, Any] = {"settings": _describe(s), "models": {}}
         for variant, adapters in variants.items():
-            model, tok = cached_lm(path, adapters, inputs.model_dtype(cfg.model))
             special = cfg.add_special_tokens if cfg.add_special_tokens is not None else s.protocol == "lm-eval"
-            scorer = ChoiceScorer(model, tok, cfg.batch_size, add_special_tokens=special, encoding=s.protocol)
-            try:
-                docs, metrics = evaluate_benchmark(scorer, s, lang, desc=f"evaluate[{lang}] {name}/{variant}")
-            except FileNotFoundError as exc:
-                entry = {"settings": _describe(s), "missing": f"no file for {lang}: {exc}"}
-                break
+            with use_lm(path, adapters, dtype) as (model, tok):
+                scorer = ChoiceScorer(model, tok, cfg.batch_size, add_special_tokens=special, encoding=s.protocol)
+                try:
+                    docs, metrics = evaluate_benchmark(scorer, s, lang, desc=f"evaluate[{lang}] {name}/{variant}")
+                except FileNotFoundError as exc:
+                    entry = {"settings": _describe(s), "missing": f"no file for {lang}: {exc}"}
+                    break
             out.write_jsonl(f"predictions/{name}/{lang}/{variant}.jsonl", metrics.pop("predictions"))
             metrics["scoring"] = dict(scorer.stats)
             entry["models"][variant] = metrics
@@ -357,18 +364,21 @@ def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
         result["benchmarks"][name] = entry
 
     if cfg.translation is not None:
-        result["translation"] = _translate_unit(cfg, inputs, out, lang, variants, path, result)
+        result["translation"] = _translate_unit(cfg, out, lang, variants, path, dtype, result)
     if cfg.responses is not None:
-        result["responses"] = _responses_unit(cfg, inputs, out, lang, variants, path, result)
+        result["responses"] = _responses_unit(cfg, inputs, out, lang, variants, path, dtype, result)
     out.write_json(f"results/{lang}.json", result)
 
 
-def _translate_unit(cfg, inputs, out, lang, variants, path, result) -> dict:  # noqa: ANN001
+def _translate_unit(
+    cfg: Config, out: ArtifactWriter, lang: str, variants: dict[str, list[str]], path: str, dtype: str, result: dict[str, Any]
+) -> dict[str, Any]:
     from polyalign.stages.core.generation import LocalLM, SamplingParams
     from polyalign.stages.core.languages import LANGUAGE_NAMES
-    from polyalign.stages.core.models import cached_lm
+    from polyalign.stages.core.loading import use_lm
 
     t = cfg.translation
+    assert t is not None
     if lang == t.source_lang:
         return {"skipped": f"{lang} is the source language"}
     try:
@@ -377,13 +387,13 @@ def _translate_unit(cfg, inputs, out, lang, variants, path, result) -> dict:  # 
         return {"missing": f"no translation test set for {t.source_lang}-{lang}: {exc}"}
     scores = {}
     for variant, adapters in variants.items():
-        model, tok = cached_lm(path, adapters, inputs.model_dtype(cfg.model))
-        lm = LocalLM(model, tok, cfg.batch_size, progress=False)
-        prompts = [
-            lm.chat_prompt(TRANSLATE_PROMPT.format(src=LANGUAGE_NAMES[t.source_lang], tgt=LANGUAGE_NAMES[lang], text=src))
-            for src, _ in pairs
-        ]
-        hyps = [h[0] for h in lm.generate(prompts, SamplingParams(max_new_tokens=t.max_new_tokens), stop=["\n\n"])]
+        with use_lm(path, adapters, dtype) as (model, tok):
+            lm = LocalLM(model, tok, cfg.batch_size, progress=False)
+            prompts = [
+                lm.chat_prompt(TRANSLATE_PROMPT.format(src=LANGUAGE_NAMES[t.source_lang], tgt=LANGUAGE_NAMES[lang], text=src))
+                for src, _ in pairs
+            ]
+            hyps = [h[0] for h in lm.generate(prompts, SamplingParams(max_new_tokens=t.max_new_tokens), stop=["\n\n"])]
         out.write_jsonl(
             f"translations/{lang}/{variant}.jsonl",
             [{"source": s, "reference": r, "hypothesis": h} for (s, r), h in zip(pairs, hyps)],
@@ -393,48 +403,50 @@ def _translate_unit(cfg, inputs, out, lang, variants, path, result) -> dict:  # 
     return {"models": scores}
 
 
-def _responses_unit(cfg, inputs, out, lang, variants, path, result) -> dict:  # noqa: ANN001
+def _responses_unit(
+    cfg: Config,
+    inputs: Inputs,
+    out: ArtifactWriter,
+    lang: str,
+    variants: dict[str, list[str]],
+    path: str,
+    dtype: str,
+    result: dict[str, Any],
+) -> dict[str, Any]:
     from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.judge import rate
     from polyalign.stages.core.languages import LANGUAGE_NAMES
-    from polyalign.stages.core.models import cached_lm, load_reward_model
-    from polyalign.stages.preferences import JUDGE_TEMPLATE, _expected_rating
-    from polyalign.stages.reward_model import _conversation, score
+    from polyalign.stages.core.loading import cached_reward_model, thread_tokenizer, use_lm
+    from polyalign.stages.core.reward import conversation, score
 
     r = cfg.responses
+    assert r is not None
     try:
         prompts = heldout_prompts(r, lang)
     except FileNotFoundError as exc:
         return {"missing": str(exc)}
-    dtype = inputs.model_dtype(cfg.model)
     answers: dict[str, list[str]] = {}
     for variant, adapters in variants.items():
-        model, tok = cached_lm(path, adapters, dtype)
-        lm = LocalLM(model, tok, cfg.batch_size, progress=False)
-        texts = [lm.chat_prompt(p["prompt"]) for p in prompts]
-        answers[variant] = [a[0] for a in lm.generate(texts, SamplingParams(max_new_tokens=r.max_new_tokens))]
+        with use_lm(path, adapters, dtype) as (model, tok):
+            lm = LocalLM(model, tok, cfg.batch_size, progress=False)
+            texts = [lm.chat_prompt(p["prompt"]) for p in prompts]
+            answers[variant] = [a[0] for a in lm.generate(texts, SamplingParams(max_new_tokens=r.max_new_tokens))]
         result["tokens"] += lm.tokens
-    metrics: dict[str, dict] = {v: {"n": len(prompts)} for v in answers}
+    metrics: dict[str, dict[str, Any]] = {v: {"n": len(prompts)} for v in answers}
     rm_art = inputs.get("reward_model")
     if rm_art is not None:
-        _, tok = cached_lm(path, [], dtype)
-        rm = load_reward_model(path, [str(inputs["sft"].file("model")), str(rm_art.file("model"))], dtype)
+        rm = cached_reward_model(path, [str(inputs["sft"].file("model")), str(rm_art.file("model"))], dtype)
+        tok = thread_tokenizer(path)
         for variant, texts in answers.items():
-            rewards = score(rm, tok, [_conversation(p["prompt"], a) for p, a in zip(prompts, texts)], cfg.batch_size)
+            rewards = score(rm, tok, [conversation(p["prompt"], a) for p, a in zip(prompts, texts)], cfg.batch_size)
             metrics[variant]["reward_mean"] = sum(rewards) / len(rewards)
-            metrics[variant]["rewards"] = rewards
-        del rm
     if r.judge is not None and "base" in answers:
-        jm, jt = cached_lm(inputs.model(r.judge), dtype=inputs.model_dtype(r.judge))
-        judge = LocalLM(jm, jt, cfg.batch_size, progress=False)
         ratings = {}
-        for variant, texts in answers.items():
-            requests = []
-            for p, a in zip(prompts, texts):
-                ctx = judge.chat_prompt(JUDGE_TEMPLATE.format(language=LANGUAGE_NAMES[lang], instruction=p["prompt"], response=a))
-                requests.extend((ctx, str(d)) for d in range(1, 6))
-            lls = [ll for ll, _ in judge.loglikelihood(requests)]
-            ratings[variant] = [_expected_rating(lls[5 * k : 5 * k + 5]) for k in range(len(prompts))]
-            metrics[variant]["judge_rating"] = sum(ratings[variant]) / len(prompts)
+        with use_lm(inputs.model(r.judge), dtype=inputs.model_dtype(r.judge)) as (jm, jt):
+            judge = LocalLM(jm, jt, cfg.batch_size, progress=False)
+            for variant, texts in answers.items():
+                ratings[variant] = rate(judge, LANGUAGE_NAMES[lang], [(p["prompt"], a) for p, a in zip(prompts, texts)])
+                metrics[variant]["judge_rating"] = sum(ratings[variant]) / len(prompts)
         for variant in answers:
             if variant == "base":
                 continue
@@ -445,8 +457,6 @@ def _responses_unit(cfg, inputs, out, lang, variants, path, result) -> dict:  # 
         f"responses/{lang}.jsonl",
         [{"id": p["id"], "prompt": p["prompt"], **{v: answers[v][k] for v in answers}} for k, p in enumerate(prompts)],
     )
-    for m in metrics.values():
-        m.pop("rewards", None)
     return {"models": metrics}
 
 
@@ -465,7 +475,7 @@ def collect(cfg: Config, per_lang: dict[str, dict], variants: list[str]) -> dict
                 missing[lang] = entry["missing"]
             elif entry.get("models"):
                 langs[lang] = entry["models"]
-        macro = {}
+        macro: dict[str, dict[str, Any]] = {}
         for v in variants:
             rows = [m[v] for m in langs.values() if v in m and m[v].get("acc") is not None]
             if rows:  # mean over languages; its stderr from the per-language ones (independent sets)
@@ -483,113 +493,10 @@ def collect(cfg: Config, per_lang: dict[str, dict], variants: list[str]) -> dict
     return results
 
 
-def leaderboard_rows(results: dict) -> list[dict]:
-    """One flat row per benchmark, language (and macro) and stage: for tables and the CLI."""
-    rows = []
-    for name, b in results["benchmarks"].items():
-        for lang, models in list(b["languages"].items()) + [("macro", b["macro"])]:
-            for stage in results["stages"]:
-                m = models.get(stage)
-                if m:
-                    rows.append({
-                        "benchmark": name, "language": lang, "stage": stage,
-                        **{k: round(m[k], 4) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr") if m.get(k) is not None},
-                        "n": m.get("n", m.get("languages")),
-                    })
-    for kind in ("translation", "responses"):
-        for lang, r in (results.get(kind) or {}).items():
-            for stage, m in r.get("models", {}).items():
-                rows.append({"benchmark": kind, "language": lang, "stage": stage, **{k: round(v, 4) for k, v in m.items() if isinstance(v, float)}, "n": m.get("n")})
-    return rows
+def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
+    from polyalign.stages.core.report import markdown, plot
 
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def markdown(results: dict) -> str:
-    """Tables of languages x stages x metrics, one per benchmark, then translation and responses."""
-    stages = results["stages"]
-    parts = []
-    for name, b in results["benchmarks"].items():
-        head = "| language | " + " | ".join(f"{s} acc | {s} acc_norm" for s in stages) + " |"
-        lines = [f"### {name}", "", head, "|---|" + "---:|" * (2 * len(stages))]
-        for lang, models in b["languages"].items():
-            cells = []
-            for s in stages:
-                m = models.get(s)
-                cells += [f"{_fmt(m['acc'])} ± {_fmt(m['acc_stderr'])}", f"{_fmt(m['acc_norm'])} ± {_fmt(m['acc_norm_stderr'])}"] if m else ["n/a", "n/a"]
-            n = next(iter(models.values()))["n"]
-            lines.append(f"| {lang} (n={n}) | " + " | ".join(cells) + " |")
-        if b["macro"]:
-            cells = []
-            for s in stages:
-                m = b["macro"].get(s)
-                cells += [f"**{_fmt(m['acc'])}**", f"**{_fmt(m['acc_norm'])}**"] if m else ["n/a", "n/a"]
-            lines.append("| **macro** | " + " | ".join(cells) + " |")
-        if b["missing"]:
-            lines += ["", "Not evaluated:"] + [f"- {lang}: {why}" for lang, why in b["missing"].items()]
-        parts.append("\n".join(lines))
-    for kind, metrics in (("translation", ("bleu", "chrf++")), ("responses", ("reward_mean", "judge_rating", "win_rate_vs_base"))):
-        block = results.get(kind)
-        if not block:
-            continue
-        present = [k for k in metrics if any(k in m for r in block.values() for m in r.get("models", {}).values())]
-        if not present:
-            present = list(metrics[:1])
-        head = "| language | " + " | ".join(f"{s} {k}" for s in stages for k in present) + " |"
-        lines = [f"### {kind}", "", head, "|---|" + "---:|" * (len(stages) * len(present))]
-        for lang, r in block.items():
-            if "models" not in r:
-                lines.append(f"| {lang} | " + " | ".join(["—"] * (len(stages) * len(present))) + f" |  <!-- {r.get('missing') or r.get('skipped')} -->")
-                continue
-            cells = [_fmt(r["models"].get(s, {}).get(k), 2) for s in stages for k in present]
-            lines.append(f"| {lang} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
-
-
-def plot(name: str, bench: dict, stages: list[str], target: Path) -> None:
-    """Per-language bars of acc (solid) and acc_norm (hatched), stages side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    langs = list(bench["languages"]) + (["macro"] if bench["macro"] else [])
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(langs) * max(1, len(stages)) / 1.5 + 2), 4.2), sharey=True)
-    width = 0.8 / max(1, len(stages))
-    colors = ["#9aa5b1", "#3b82f6", "#f59e0b", "#10b981"]
-    for ax, metric in zip(axes, ("acc", "acc_norm")):
-        for k, stage in enumerate(stages):
-            xs, ys, errs = [], [], []
-            for j, lang in enumerate(langs):
-                m = bench["macro"].get(stage) if lang == "macro" else bench["languages"][lang].get(stage)
-                if not m:
-                    continue
-                xs.append(j + (k - (len(stages) - 1) / 2) * width)
-                ys.append(m[metric])
-                err = m.get(f"{metric}_stderr")
-                errs.append(err or 0.0)
-            ax.bar(xs, ys, width, yerr=errs, capsize=2, label=stage, color=colors[k % len(colors)])
-        ax.set_xticks(range(len(langs)), langs)
-        ax.set_title(metric)
-        ax.set_ylim(0, 1)
-        ax.grid(axis="y", alpha=0.3)
-        chance = bench.get("chance")  # mean 1/number-of-choices, set by finish()
-        if chance:
-            ax.axhline(chance, color="black", linestyle="--", linewidth=0.8)
-    axes[0].set_ylabel("accuracy")
-    axes[1].legend(title="stage", loc="upper right", fontsize=8)
-    fig.suptitle(f"{name}: accuracy per language (error bars: standard error; dashed: chance)")
-    fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-
-
-def finish(cfg: Config, inputs, out) -> None:  # noqa: ANN001
-    per_lang = {lang: json.loads(out.path(f"results/{lang}.json").read_text()) for lang in cfg.languages}
+    per_lang = {lang: out.read_json(f"results/{lang}.json") for lang in cfg.languages}
     variants = list(_variants(cfg, inputs))
     results = collect(cfg, per_lang, variants)
     for name, bench in results["benchmarks"].items():
@@ -606,15 +513,10 @@ def finish(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     out.summary = md
 
 
-def _chance_from_predictions(out, name: str, bench: dict) -> float | None:  # noqa: ANN001
+def _chance_from_predictions(out: ArtifactWriter, name: str, bench: dict) -> float | None:
     sizes = []
     for lang in bench["languages"]:
         for path in sorted(out.path(f"predictions/{name}/{lang}").glob("*.jsonl"))[:1]:
-            sizes += [len(json.loads(x)["loglikelihoods"]) for x in path.read_text().splitlines() if x.strip()]
+            rel = path.relative_to(out.dir).as_posix()
+            sizes += [len(row["loglikelihoods"]) for row in out.records(rel)]
     return sum(1 / k for k in sizes) / len(sizes) if sizes else None
-
-
-def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
-    for lang in units(cfg):
-        run_unit(cfg, inputs, out, lang)
-    finish(cfg, inputs, out)

@@ -10,26 +10,20 @@ one shard per language and chunk, so a killed run resumes at the next chunk.
 
 from __future__ import annotations
 
-import json
-import math
 
 from pydantic import Field, field_validator
 
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
 VERSION = "1"
+OUTPUTS = ("metrics.json", "README.md", "data/*/*.jsonl")  # in every artifact of this stage
 INPUTS = {
     "data": "instruction records with a heldout split (translate)",
     "policy": "the SFT adapter (sft)",
 }
 
-JUDGE_TEMPLATE = (
-    "You are grading a response written by an assistant. The instruction and the response "
-    "are in {language}.\n\nInstruction:\n{instruction}\n\nResponse:\n{response}\n\n"
-    "How helpful, correct and fluent is the response? Answer with one digit from 1 (useless) "
-    "to 5 (excellent)."
-)
 
 
 class Config(StageConfig):
@@ -53,19 +47,14 @@ class Config(StageConfig):
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
 
 
-def _expected_rating(lls: list[float]) -> float:
-    top = max(lls)
-    weights = [math.exp(x - top) for x in lls]
-    return sum((i + 1) * w for i, w in enumerate(weights)) / sum(weights)
-
-
-def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
+def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     import torch
     from tqdm.auto import tqdm
 
     from polyalign.stages.core.cards import render_card
     from polyalign.stages.core.generation import LocalLM, SamplingParams
-    from polyalign.stages.core.models import cached_lm
+    from polyalign.stages.core.judge import rate
+    from polyalign.stages.core.loading import use_lm
     from polyalign.stages.core.training import user_message
 
     rows = [r for r in inputs["data"].records("data/*/*.jsonl") if r.get("split") == "heldout"]
@@ -82,8 +71,8 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     by_lang = {lang: sorted((r for r in rows if r["lang"] == lang), key=lambda r: r["id"])[: cfg.prompts_per_language] for lang in langs}
 
     adapter = str(inputs["policy"].file("model"))
-    policy_lm: LocalLM | None = None
-    judge_lm: LocalLM | None = None
+    policy: tuple[str, list[str], str] = (inputs.model(cfg.model), [adapter], inputs.model_dtype(cfg.model))
+    judge: tuple[str, list[str], str] = (inputs.model(cfg.judge), [], inputs.model_dtype(cfg.judge))
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_responses)
     total = sum(len(v) for v in by_lang.values())
     bar = tqdm(total=total, desc="preferences", unit="prompt")
@@ -95,29 +84,21 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
             if out.exists(f"shards/{chunk_id}.json"):
                 bar.update(len(chunk))
                 continue
-            if policy_lm is None:
-                pm, pt = cached_lm(inputs.model(cfg.model), [adapter], inputs.model_dtype(cfg.model))
-                jm, jt = cached_lm(inputs.model(cfg.judge), dtype=inputs.model_dtype(cfg.judge))
-                policy_lm = LocalLM(pm, pt, cfg.batch_size, progress=False)
-                judge_lm = LocalLM(jm, jt, cfg.batch_size, progress=False)
-            assert judge_lm is not None
-            policy_lm.tokens_in = policy_lm.tokens_out = judge_lm.tokens_in = judge_lm.tokens_out = 0
-            torch.manual_seed(_seed(cfg.seed, chunk_id))
             texts = [user_message(r) for r in chunk]
-            responses = policy_lm.generate([policy_lm.chat_prompt(t) for t in texts], params)
-            requests, spans = [], []
-            for text, resp in zip(texts, responses):
-                start = len(requests)
-                for answer in resp:
-                    ctx = judge_lm.chat_prompt(
-                        JUDGE_TEMPLATE.format(language=LANGUAGE_NAMES[lang], instruction=text, response=answer)
-                    )
-                    requests.extend((ctx, str(d)) for d in range(1, 6))
-                spans.append(start)
-            lls = [ll for ll, _ in judge_lm.loglikelihood(requests)]
+            # one model at a time: the policy and the judge may be one base model
+            with use_lm(*policy) as (pm, pt):
+                policy_lm = LocalLM(pm, pt, cfg.batch_size, progress=False)
+                torch.manual_seed(_seed(cfg.seed, chunk_id))
+                responses = policy_lm.generate([policy_lm.chat_prompt(t) for t in texts], params)
+            with use_lm(*judge) as (jm, jt):
+                judge_lm = LocalLM(jm, jt, cfg.batch_size, progress=False)
+                ratings = rate(judge_lm, LANGUAGE_NAMES[lang], [(t, a) for t, resp in zip(texts, responses) for a in resp])
+            spans = [0]  # where each prompt's ratings start
+            for resp in responses[:-1]:
+                spans.append(spans[-1] + len(resp))
             pairs, quarantined = [], []
             for row, text, resp, start in zip(chunk, texts, responses, spans):
-                scores = [_expected_rating(lls[start + 5 * j : start + 5 * j + 5]) for j in range(len(resp))]
+                scores = ratings[start : start + len(resp)]
                 best = max(range(len(resp)), key=lambda j: scores[j])
                 worst = min(range(len(resp)), key=lambda j: scores[j])
                 rec = {
@@ -138,7 +119,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
             bar.update(len(chunk))
     bar.close()
 
-    metas = {p.relative_to(out.dir / "shards").as_posix(): json.loads(p.read_text()) for p in sorted((out.dir / "shards").rglob("*.json"))}
+    metas = {p.relative_to(out.dir / "shards").as_posix(): out.read_json(p.relative_to(out.dir).as_posix()) for p in sorted((out.dir / "shards").rglob("*.json"))}
     counts = {lang: sum(m["pairs"] for k, m in metas.items() if k.startswith(lang + "/")) for lang in langs}
     ties = {lang: sum(m["quarantined"] for k, m in metas.items() if k.startswith(lang + "/")) for lang in langs}
     total_pairs = sum(counts.values())

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "1"
+OUTPUTS = ("metrics.json", "model/")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
 
 
@@ -28,30 +30,13 @@ class Config(StageConfig):
     batch_size: int = runtime_field(8, "Pairs per batch when scoring held-out pairs.", gt=0)
 
 
-def _conversation(prompt: str, answer: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-
-
-def score(model, tok, conversations: list[list[dict[str, str]]], batch_size: int) -> list[float]:  # noqa: ANN001
-    """Scalar rewards of whole conversations."""
-    import torch
-
-    texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
-    rewards: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        # right padding for this call only: the tokenizer may be shared with generation (left)
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            rewards.extend(model(**enc).logits[:, 0].float().tolist())
-    return rewards
-
-
-def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
+def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     from polyalign.stages.core.io import stable_unit
-    from polyalign.stages.core.models import load_causal_lm, load_reward_model, load_tokenizer
+    from polyalign.stages.core.loading import load_causal_lm, load_reward_model, load_tokenizer
+    from polyalign.stages.core.reward import conversation, score
     from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
 
     pairs = sorted(inputs["pairs"].records("data/*/*.jsonl"), key=lambda r: r["id"])
@@ -60,7 +45,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
 
     # RewardTrainer silently drops pairs longer than max_length: quarantine them ourselves
     def n_tokens(prompt: str, answer: str) -> int:
-        text = tok.apply_chat_template(_conversation(prompt, answer), tokenize=False)
+        text = tok.apply_chat_template(conversation(prompt, answer), tokenize=False)
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     too_long = []
@@ -80,7 +65,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
             f"eval_fraction {cfg.eval_fraction})"
         )
     data = Dataset.from_list(
-        [{"chosen": _conversation(p["prompt"], p["chosen"]), "rejected": _conversation(p["prompt"], p["rejected"])} for p in train]
+        [{"chosen": conversation(p["prompt"], p["chosen"]), "rejected": conversation(p["prompt"], p["rejected"])} for p in train]
     )
     sft_adapter = str(inputs["policy"].file("model"))
     model = load_causal_lm(path, [sft_adapter], inputs.model_dtype(cfg.model), num_labels=1)
@@ -99,7 +84,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     if held:
         # score with the saved artifact, loaded the way consumers of the reward model load it
         rm = load_reward_model(path, [sft_adapter, str(out.path("model"))], inputs.model_dtype(cfg.model))
-        conv = [_conversation(p["prompt"], p["chosen"]) for p in held] + [_conversation(p["prompt"], p["rejected"]) for p in held]
+        conv = [conversation(p["prompt"], p["chosen"]) for p in held] + [conversation(p["prompt"], p["rejected"]) for p in held]
         rewards = score(rm, tok, conv, cfg.batch_size)
         chosen, rejected = rewards[: len(held)], rewards[len(held) :]
         accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(held)

@@ -11,7 +11,6 @@ Every dropped candidate is kept in `quarantine/` with its reason.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -19,9 +18,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, data_file_field, model_field
 
 VERSION = "3"
+OUTPUTS = ("metrics.json", "README.md", "data/*.jsonl")  # in every artifact of this stage
 INPUTS: dict[str, str] = {}
 
 # Self-Instruct's filter list: tasks a text-only model cannot do.
@@ -151,13 +152,13 @@ def _instruction_reason(text: str, cfg: Config) -> str | None:
     return None
 
 
-def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001 - see stages/core/runner.py
+def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     import torch
     from rouge_score import rouge_scorer
 
     from polyalign.stages.core.cards import render_card
     from polyalign.stages.core.generation import LocalLM, SamplingParams
-    from polyalign.stages.core.models import cached_lm
+    from polyalign.stages.core.loading import use_lm
     from polyalign.stages.core.io import stable_unit
 
     seeds = load_seed_tasks(cfg.seed_tasks)
@@ -171,7 +172,7 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001 - see stages/core/run
     tokens = 0
     round_no = 0
     while out.exists(f"rounds/{round_no:05d}.json"):
-        meta = json.loads(out.path(f"rounds/{round_no:05d}.json").read_text())
+        meta = out.read_json(f"rounds/{round_no:05d}.json")
         shard = out.records(f"data/{round_no:05d}.jsonl")
         kept.extend(shard)
         pool_tokens.extend(scorer._tokenizer.tokenize(r["instruction"]) for r in shard)  # noqa: SLF001
@@ -181,92 +182,92 @@ def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001 - see stages/core/run
     if round_no:
         print(f"[self_instruct] resuming at round {round_no} with {len(kept)} instructions kept")
 
-    model, tok = cached_lm(inputs.model(cfg.teacher), dtype=inputs.model_dtype(cfg.teacher))
-    lm = LocalLM(model, tok, batch_size=cfg.batch_size)
-    from tqdm.auto import tqdm
+    with use_lm(inputs.model(cfg.teacher), dtype=inputs.model_dtype(cfg.teacher)) as (model, tok):
+        lm = LocalLM(model, tok, batch_size=cfg.batch_size)
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions), desc="self_instruct", unit="instr")
-    while len(kept) < cfg.num_instructions and round_no < cfg.max_rounds:
-        rng = random.Random(f"{cfg.seed}-{round_no}")
-        torch.manual_seed(rng.randrange(2**31))
-        machine = [r["instruction"] for r in kept]
-        prompts = []
-        for _ in range(cfg.round_size):
-            demos = rng.sample(seed_texts, min(cfg.prompt_seed_tasks, len(seed_texts)))
-            extra = rng.sample(machine, min(cfg.prompt_machine_tasks, len(machine)))
-            prompts.append(_instruction_prompt(demos, extra))
-        params = SamplingParams(cfg.max_instruction_tokens, cfg.temperature, cfg.top_p)
-        candidates = [c[0] for c in lm.generate(prompts, params, stop=["\n", "Task "], desc=f"round {round_no}")]
+        bar = tqdm(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions), desc="self_instruct", unit="instr")
+        while len(kept) < cfg.num_instructions and round_no < cfg.max_rounds:
+            rng = random.Random(f"{cfg.seed}-{round_no}")
+            torch.manual_seed(rng.randrange(2**31))
+            machine = [r["instruction"] for r in kept]
+            prompts = []
+            for _ in range(cfg.round_size):
+                demos = rng.sample(seed_texts, min(cfg.prompt_seed_tasks, len(seed_texts)))
+                extra = rng.sample(machine, min(cfg.prompt_machine_tasks, len(machine)))
+                prompts.append(_instruction_prompt(demos, extra))
+            params = SamplingParams(cfg.max_instruction_tokens, cfg.temperature, cfg.top_p)
+            candidates = [c[0] for c in lm.generate(prompts, params, stop=["\n", "Task "], desc=f"round {round_no}")]
 
-        quarantine, survivors = [], []
-        round_tokens = list(pool_tokens)
-        for i, text in enumerate(candidates):
-            text = re.sub(r"\s+", " ", text).strip()
-            cid = f"si-{round_no:05d}-{i:03d}"
-            reason = _instruction_reason(text, cfg)
-            if reason is None:
-                cand_tokens = scorer._tokenizer.tokenize(text)  # noqa: SLF001
-                best = max((rouge_scorer._score_lcs(t, cand_tokens).fmeasure for t in round_tokens), default=0.0)  # noqa: SLF001
-                if best > cfg.max_rouge_l:
-                    reason = f"ROUGE-L {best:.2f} > {cfg.max_rouge_l} to an existing instruction"
+            quarantine, survivors = [], []
+            round_tokens = list(pool_tokens)
+            for i, text in enumerate(candidates):
+                text = re.sub(r"\s+", " ", text).strip()
+                cid = f"si-{round_no:05d}-{i:03d}"
+                reason = _instruction_reason(text, cfg)
+                if reason is None:
+                    cand_tokens = scorer._tokenizer.tokenize(text)  # noqa: SLF001
+                    best = max((rouge_scorer._score_lcs(t, cand_tokens).fmeasure for t in round_tokens), default=0.0)  # noqa: SLF001
+                    if best > cfg.max_rouge_l:
+                        reason = f"ROUGE-L {best:.2f} > {cfg.max_rouge_l} to an existing instruction"
+                    else:
+                        round_tokens.append(cand_tokens)
+                if reason:
+                    quarantine.append({"id": cid, "instruction": text, "reason": reason})
                 else:
-                    round_tokens.append(cand_tokens)
-            if reason:
-                quarantine.append({"id": cid, "instruction": text, "reason": reason})
-            else:
-                survivors.append((cid, text))
+                    survivors.append((cid, text))
 
-        # instances are the expensive part: write them only for as many survivors as the
-        # target still needs; the others go to quarantine with that reason
-        need = cfg.num_instructions - len(kept)
-        for cid, text in survivors[need:]:
-            quarantine.append({"id": cid, "instruction": text, "reason": "surplus: target already reached"})
-        survivors = survivors[:need]
-        shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
-        inst_prompts = []
-        for _, text in survivors:
-            with_inst = [s for s in seeds if s["instances"]]
-            shots = shots_rng.sample(with_inst, min(cfg.instance_shots, len(with_inst)))
-            inst_prompts.append(_instance_prompt(shots, text, cfg.instance_format))
-        inst_params = SamplingParams(cfg.max_instance_tokens, 0.0)
-        outputs = lm.generate(inst_prompts, inst_params, stop=["\n\nInstruction:", "Instruction:"], desc="instances")
-        records = []
-        for (cid, text), gen in zip(survivors, outputs):
-            parsed = _parse_instance(gen[0], cfg.instance_format)
-            if parsed is None:
-                quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": gen[0]})
-                continue
-            task_input, output = parsed
-            if not output:
-                quarantine.append({"id": cid, "instruction": text, "reason": "empty output"})
-                continue
-            records.append(
-                {
-                    "id": cid,
-                    "instruction": text,
-                    "input": task_input,
-                    "output": output,
-                    "lang": "en",
-                    "split": "heldout" if stable_unit(cid) < cfg.heldout_fraction else "train",
-                    "source": "self_instruct",
-                }
+            # instances are the expensive part: write them only for as many survivors as the
+            # target still needs; the others go to quarantine with that reason
+            need = cfg.num_instructions - len(kept)
+            for cid, text in survivors[need:]:
+                quarantine.append({"id": cid, "instruction": text, "reason": "surplus: target already reached"})
+            survivors = survivors[:need]
+            shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
+            inst_prompts = []
+            for _, text in survivors:
+                with_inst = [s for s in seeds if s["instances"]]
+                shots = shots_rng.sample(with_inst, min(cfg.instance_shots, len(with_inst)))
+                inst_prompts.append(_instance_prompt(shots, text, cfg.instance_format))
+            inst_params = SamplingParams(cfg.max_instance_tokens, 0.0)
+            outputs = lm.generate(inst_prompts, inst_params, stop=["\n\nInstruction:", "Instruction:"], desc="instances")
+            records = []
+            for (cid, text), gen in zip(survivors, outputs):
+                parsed = _parse_instance(gen[0], cfg.instance_format)
+                if parsed is None:
+                    quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": gen[0]})
+                    continue
+                task_input, output = parsed
+                if not output:
+                    quarantine.append({"id": cid, "instruction": text, "reason": "empty output"})
+                    continue
+                records.append(
+                    {
+                        "id": cid,
+                        "instruction": text,
+                        "input": task_input,
+                        "output": output,
+                        "lang": "en",
+                        "split": "heldout" if stable_unit(cid) < cfg.heldout_fraction else "train",
+                        "source": "self_instruct",
+                    }
+                )
+                pool_tokens.append(scorer._tokenizer.tokenize(text))  # noqa: SLF001
+            out.write_jsonl(f"quarantine/{round_no:05d}.jsonl", quarantine)
+            out.write_jsonl(f"data/{round_no:05d}.jsonl", records)
+            round_tokens_used = lm.tokens
+            lm.tokens_in = lm.tokens_out = 0
+            # the round marker is written last: its presence means the round is complete
+            out.write_json(
+                f"rounds/{round_no:05d}.json",
+                {"kept": len(records), "quarantined": len(quarantine), "tokens": round_tokens_used},
             )
-            pool_tokens.append(scorer._tokenizer.tokenize(text))  # noqa: SLF001
-        out.write_jsonl(f"quarantine/{round_no:05d}.jsonl", quarantine)
-        out.write_jsonl(f"data/{round_no:05d}.jsonl", records)
-        round_tokens_used = lm.tokens
-        lm.tokens_in = lm.tokens_out = 0
-        # the round marker is written last: its presence means the round is complete
-        out.write_json(
-            f"rounds/{round_no:05d}.json",
-            {"kept": len(records), "quarantined": len(quarantine), "tokens": round_tokens_used},
-        )
-        kept.extend(records)
-        n_quarantined += len(quarantine)
-        tokens += round_tokens_used
-        bar.update(min(len(records), max(0, cfg.num_instructions - bar.n)))
-        round_no += 1
-    bar.close()
+            kept.extend(records)
+            n_quarantined += len(quarantine)
+            tokens += round_tokens_used
+            bar.update(min(len(records), max(0, cfg.num_instructions - bar.n)))
+            round_no += 1
+        bar.close()
 
     if not kept:
         raise RuntimeError(

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "1"
+OUTPUTS = ("metrics.json", "model/")  # in every artifact of this stage
 INPUTS = {"data": "instruction records in every language (translate)"}
 
 
@@ -29,11 +31,11 @@ class Config(StageConfig):
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
 
 
-def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
+def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from polyalign.stages.core.models import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
     from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs, user_message
 
     langs = set(cfg.languages) | ({"en"} if cfg.include_english else set())

@@ -14,10 +14,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
 VERSION = "3"
+OUTPUTS = ("metrics.json", "README.md", "data/*/*.jsonl")  # in every artifact of this stage
 INPUTS = {"data": "English instruction records (self_instruct)"}
 FIELDS = ("instruction", "input", "output")
 
@@ -42,6 +44,14 @@ class Config(StageConfig):
             raise ValueError("languages: 'en' is the source language; use keep_source instead")
         if self.min_length_ratio >= self.max_length_ratio:
             raise ValueError("min_length_ratio must be below max_length_ratio")
+        table = _shot_table()
+        short = [lang for lang in self.languages if len(table.get(lang, [])) < self.shots]
+        if short:  # never a silent zero-shot prompt under a fingerprint that says k shots
+            have = ", ".join(f"{lang} has {len(table.get(lang, []))}" for lang in short)
+            raise ValueError(
+                f"shots: {self.shots} built-in examples per language, but {have} "
+                f"(built-in: {', '.join(sorted(table))}); set shots: 0 or translate those languages in a separate stage"
+            )
         return self
 
 
@@ -49,11 +59,15 @@ def units(cfg: Config) -> list[str]:
     return list(cfg.languages)
 
 
-def _shots(lang: str, n: int) -> list[tuple[str, str]]:
+def _shot_table() -> dict[str, list[list[str]]]:
+    """Built-in English -> language example pairs (stages/data/translate_shots.json)."""
     from polyalign.stages.core.io import builtin
 
-    table = json.loads(builtin("translate_shots.json").read_text(encoding="utf-8"))
-    return [tuple(p) for p in table.get(lang, [])[:n]]
+    return json.loads(builtin("translate_shots.json").read_text(encoding="utf-8"))
+
+
+def _shots(lang: str, n: int) -> list[tuple[str, str]]:
+    return [(src, tgt) for src, tgt in _shot_table()[lang][:n]]
 
 
 def _prompt(text: str, lang: str, shots: list[tuple[str, str]]) -> str:
@@ -76,15 +90,15 @@ def _problem(src: str, tgt: str, cfg: Config) -> str | None:
     return None
 
 
-def _source_records(inputs) -> list[dict]:  # noqa: ANN001
+def _source_records(inputs: Inputs) -> list[dict]:
     return sorted(inputs["data"].records("data/*.jsonl"), key=lambda r: r["id"])
 
 
-def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
+def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> None:
     from tqdm.auto import tqdm
 
     from polyalign.stages.core.generation import LocalLM, SamplingParams
-    from polyalign.stages.core.models import cached_lm
+    from polyalign.stages.core.loading import use_lm
 
     records = _source_records(inputs)
     n_shards = (len(records) + cfg.shard_size - 1) // cfg.shard_size
@@ -93,54 +107,54 @@ def run_unit(cfg: Config, inputs, out, lang: str) -> None:  # noqa: ANN001
         print(f"[translate:{lang}] resuming: {n_shards - len(todo)}/{n_shards} shards already done")
     if not todo:
         return
-    model, tok = cached_lm(inputs.model(cfg.model), dtype=inputs.model_dtype(cfg.model))
-    lm = LocalLM(model, tok, batch_size=cfg.batch_size, progress=False)
-    shots = _shots(lang, cfg.shots)
-    stop = ["\nEnglish:", f"\n{LANGUAGE_NAMES[lang]}:", "\n\n"]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
-    bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * cfg.shard_size, desc=f"translate[{lang}]", unit="rec")
-    for k in todo:
-        shard = records[k * cfg.shard_size : (k + 1) * cfg.shard_size]
-        jobs = [(i, f) for i, r in enumerate(shard) for f in FIELDS if r.get(f, "").strip()]
-        lm.tokens_in = lm.tokens_out = 0
-        translated: list[dict] = [dict.fromkeys(FIELDS, "") for _ in shard]
-        # a one-line source gets a one-line translation: stopping at the newline cuts the
-        # repetitions small models fall into
-        for one_line in (True, False):
-            group = [(i, f) for i, f in jobs if ("\n" not in shard[i][f].strip()) == one_line]
-            if not group:
-                continue
-            outputs = lm.generate(
-                [_prompt(shard[i][f], lang, shots) for i, f in group],
-                params,
-                stop=stop + (["\n"] if one_line else []),
-            )
-            for (i, f), gen in zip(group, outputs):
-                translated[i][f] = gen[0]
-        kept, quarantined = [], []
-        for src, tgt in zip(shard, translated):
-            row = {
-                "id": f"{src['id']}-{lang}",
-                "src_id": src["id"],
-                "lang": lang,
-                "split": src.get("split", "train"),
-                "source": "translate",
-                **tgt,
-            }
-            reasons = [f"{f}: {p}" for f in FIELDS if src.get(f, "").strip() and (p := _problem(src[f], tgt[f], cfg))]
-            if reasons:
-                quarantined.append({**row, "reason": "; ".join(reasons)})
-            else:
-                kept.append(row)
-        out.write_jsonl(f"quarantine/{lang}/{k:05d}.jsonl", quarantined)
-        out.write_jsonl(f"data/{lang}/{k:05d}.jsonl", kept)
-        # written last: the shard marker
-        out.write_json(f"shards/{lang}/{k:05d}.json", {"kept": len(kept), "quarantined": len(quarantined), "tokens": lm.tokens})
-        bar.update(len(shard))
-    bar.close()
+    with use_lm(inputs.model(cfg.model), dtype=inputs.model_dtype(cfg.model)) as (model, tok):
+        lm = LocalLM(model, tok, batch_size=cfg.batch_size, progress=False)
+        shots = _shots(lang, cfg.shots)
+        stop = ["\nEnglish:", f"\n{LANGUAGE_NAMES[lang]}:", "\n\n"]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
+        bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * cfg.shard_size, desc=f"translate[{lang}]", unit="rec")
+        for k in todo:
+            shard = records[k * cfg.shard_size : (k + 1) * cfg.shard_size]
+            jobs = [(i, f) for i, r in enumerate(shard) for f in FIELDS if r.get(f, "").strip()]
+            lm.tokens_in = lm.tokens_out = 0
+            translated: list[dict] = [dict.fromkeys(FIELDS, "") for _ in shard]
+            # a one-line source gets a one-line translation: stopping at the newline cuts the
+            # repetitions small models fall into
+            for one_line in (True, False):
+                group = [(i, f) for i, f in jobs if ("\n" not in shard[i][f].strip()) == one_line]
+                if not group:
+                    continue
+                outputs = lm.generate(
+                    [_prompt(shard[i][f], lang, shots) for i, f in group],
+                    params,
+                    stop=stop + (["\n"] if one_line else []),
+                )
+                for (i, f), gen in zip(group, outputs):
+                    translated[i][f] = gen[0]
+            kept, quarantined = [], []
+            for src, tgt in zip(shard, translated):
+                row = {
+                    "id": f"{src['id']}-{lang}",
+                    "src_id": src["id"],
+                    "lang": lang,
+                    "split": src.get("split", "train"),
+                    "source": "translate",
+                    **tgt,
+                }
+                reasons = [f"{f}: {p}" for f in FIELDS if src.get(f, "").strip() and (p := _problem(src[f], tgt[f], cfg))]
+                if reasons:
+                    quarantined.append({**row, "reason": "; ".join(reasons)})
+                else:
+                    kept.append(row)
+            out.write_jsonl(f"quarantine/{lang}/{k:05d}.jsonl", quarantined)
+            out.write_jsonl(f"data/{lang}/{k:05d}.jsonl", kept)
+            # written last: the shard marker
+            out.write_json(f"shards/{lang}/{k:05d}.json", {"kept": len(kept), "quarantined": len(quarantined), "tokens": lm.tokens})
+            bar.update(len(shard))
+        bar.close()
 
 
-def finish(cfg: Config, inputs, out) -> None:  # noqa: ANN001
+def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from polyalign.stages.core.cards import render_card
 
     source = _source_records(inputs)
@@ -151,7 +165,7 @@ def finish(cfg: Config, inputs, out) -> None:  # noqa: ANN001
     reasons: dict[str, int] = {}
     tokens = 0
     for lang in cfg.languages:
-        metas = [json.loads(p.read_text()) for p in sorted((out.dir / "shards" / lang).glob("*.json"))]
+        metas = [out.read_json(p.relative_to(out.dir).as_posix()) for p in sorted((out.dir / "shards" / lang).glob("*.json"))]
         counts[lang] = sum(m["kept"] for m in metas)
         quarantine[lang] = sum(m["quarantined"] for m in metas)
         tokens += sum(m["tokens"] for m in metas)
@@ -187,9 +201,3 @@ def finish(cfg: Config, inputs, out) -> None:  # noqa: ANN001
         samples=samples,
         machine_translated=True,
     )
-
-
-def run(cfg: Config, inputs, out) -> None:  # noqa: ANN001
-    for lang in units(cfg):
-        run_unit(cfg, inputs, out, lang)
-    finish(cfg, inputs, out)

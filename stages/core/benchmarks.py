@@ -210,20 +210,34 @@ def fill_template(template: str, what: str, **values: str) -> str:
 _CACHE: dict[tuple, list[dict]] = {}
 
 
+class BenchmarkUnavailable(UserError):
+    """A benchmark could not be read right now (permission, network, the Hub): the unit
+    fails with this one-line reason and is tried again on the next run. Only a definite
+    "this language has no file" (FileNotFoundError) is recorded as missing."""
+
+
 def load_rows(task: str, source: str, lang: str, split: str) -> list[dict]:
-    """Checked, normalised rows; raises FileNotFoundError when the language has no file."""
+    """Checked, normalised rows; raises FileNotFoundError when the language has no file and
+    BenchmarkUnavailable when it cannot tell (the file or the Hub could not be read)."""
     path = resolve_file(source, lang, split)
     if path is None:
         return _load_hub(task, source[3:], lang, split)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(str(path)) from None
+    except OSError as exc:  # e.g. a folder on the way that may not be read
+        raise BenchmarkUnavailable(f"{path}: cannot be read now ({exc.strerror or exc}); the next run tries again") from None
     if not path.is_file():
-        raise FileNotFoundError(str(path))
-    stat = path.stat()
+        raise FileNotFoundError(f"{path} (not a file)")
     key = (task, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _CACHE:
         try:
             rows = read_rows(path)
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise BenchmarkUnavailable(f"{path}: cannot be read now ({exc.strerror or exc}); the next run tries again") from None
         if not rows:
             raise UserError(f"{path}: no rows")
         _CACHE[key] = normalise(task, path, rows)
@@ -235,6 +249,14 @@ def load_rows(task: str, source: str, lang: str, split: str) -> list[dict]:
     return rows
 
 
+def _hub_says_absent(exc: BaseException) -> bool:
+    """True when the Hub answered that this language (config) or split does not exist."""
+    text = str(exc)
+    return isinstance(exc, ValueError) and (
+        "BuilderConfig" in text or "Unknown split" in text or "config name" in text.lower()
+    )
+
+
 def _load_hub(task: str, name: str, lang: str, split: str) -> list[dict]:
     """A Hugging Face dataset in the same format (e.g. alexandrainst/m_arc), for online users."""
     import datasets
@@ -243,7 +265,10 @@ def _load_hub(task: str, name: str, lang: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(repo, lang, split=split, revision=revision or None)
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; report one line
-        raise FileNotFoundError(f"hf:{name} {lang}/{split}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if _hub_says_absent(exc):
+            raise FileNotFoundError(f"hf:{name} {lang}/{split}: {first}") from None
+        raise BenchmarkUnavailable(f"hf:{name} {lang}/{split}: {type(exc).__name__}: {first}; the next run tries again") from None
     return normalise(task, Path(f"hf:{name}/{lang}/{split}"), [dict(r) for r in ds])
 
 

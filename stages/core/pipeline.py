@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polyalign.stages import REGISTRY, load_stage
 from polyalign.stages.core.config import StageConfig
-from polyalign.stages.core.errors import ConfigError
+from polyalign.stages.core.errors import ConfigError, StoreError
 from polyalign.stages.core.fingerprint import UnhashableError, file_digest, stage_fingerprint
-from polyalign.stages.core.models import ModelSpec, check_available, identity, models_dir
+from polyalign.stages.core.model_specs import ModelSpec, check_available, identity, models_dir
 from polyalign.stages.core.store import STORE_ENV, Store
 
 
@@ -159,7 +159,7 @@ class Pipeline:
         self.header = header
         self.nodes = nodes
         self.source = source
-        self.store = Store(store_root)
+        self.store = Store(store_root, config=source)
         self.models_root = models_dir(header.models_dir)
         self._fps: dict[str, str] | None = None
 
@@ -214,7 +214,7 @@ class Pipeline:
                     name=name,
                     type=node.type,
                     fingerprint=fp,
-                    state=self.store.state(name, fp),
+                    state=self.store.state(name, fp, required=node.module.OUTPUTS),
                     size=self.store.size(name, fp),
                     inputs=dict(node.inputs),
                 )
@@ -337,5 +337,9 @@ def load_pipeline(
         used = {m for node in nodes.values() for m in node.config.model_refs().values()}
         for model_name in used:
             check_available(model_name, header.models[model_name], root)
+    if store is not None and not store.strip():
+        raise StoreError("--store: empty path (name a folder, or leave the option out)")
     store_root = store or os.environ.get(STORE_ENV) or header.store
+    if not store_root.strip():
+        raise StoreError(f"{path}: store: empty path (name a folder)")
     return Pipeline(header, nodes, str(path), store_root)

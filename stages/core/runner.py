@@ -9,7 +9,6 @@ concurrent tasks, and `run_stage` runs them one after another.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import threading
@@ -17,45 +16,44 @@ import time
 from pathlib import Path
 from typing import Any
 
-from polyalign import __version__
+from polyalign.stages.core.contract import Inputs, is_fan_out, run_module
 from polyalign.stages.core.errors import MissingInputError
-from polyalign.stages.core.models import ensure_model, release_models
+from polyalign.stages.core.loading import release_models
 from polyalign.stages.core.pipeline import Pipeline
-from polyalign.stages.core.store import Artifact, ArtifactWriter, CorruptArtifactError
+from polyalign.stages.core.prepare import ensure_model
+from polyalign.stages.core.store import Artifact, ArtifactWriter
 
 
-class Inputs:
-    """What a stage receives: upstream artifacts by input name, and model resolution."""
+def _version() -> str:
+    from importlib import metadata
 
-    def __init__(self, pipeline: Pipeline, stage: str):
-        self.pipeline = pipeline
-        self.stage = stage
-        node = pipeline.nodes[stage]
-        fps = pipeline.fingerprints()
-        self.artifacts: dict[str, Artifact] = {}
-        for input_name, upstream in node.inputs.items():
-            art = cached(pipeline, upstream)
-            if art is None:
-                state = pipeline.store.state(upstream, fps[upstream])
-                raise MissingInputError(
-                    f"stage {stage!r} needs input {input_name!r} from stage {upstream!r}, which is "
-                    f"{state} in the store ({pipeline.store.root}); run `polyalign run "
-                    f"{pipeline.source} --until {upstream}` first"
-                )
-            self.artifacts[input_name] = art
+    try:
+        return metadata.version("polyalign")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
-    def __getitem__(self, name: str) -> Artifact:
-        return self.artifacts[name]
 
-    def get(self, name: str) -> Artifact | None:
-        return self.artifacts.get(name)
-
-    def model(self, name: str) -> str:
-        """A loadable path (or hub id) for a model of the pipeline's `models:` table."""
-        return ensure_model(self.pipeline.header.models[name], self.pipeline.models_root)
-
-    def model_dtype(self, name: str) -> str:
-        return self.pipeline.header.models[name].dtype
+def stage_inputs(pipeline: Pipeline, stage: str) -> Inputs:
+    """The upstream artifacts of `stage` (each complete and valid) and model resolution."""
+    node = pipeline.nodes[stage]
+    fps = pipeline.fingerprints()
+    artifacts: dict[str, Artifact] = {}
+    for input_name, upstream in node.inputs.items():
+        art = cached(pipeline, upstream)
+        if art is None:
+            state = pipeline.store.state(upstream, fps[upstream])
+            raise MissingInputError(
+                f"stage {stage!r} needs input {input_name!r} from stage {upstream!r}, which is "
+                f"{state} in the store ({pipeline.store.root}); run `polyalign run "
+                f"{pipeline.source} --until {upstream}` first"
+            )
+        artifacts[input_name] = art
+    models = pipeline.header.models
+    return Inputs(
+        artifacts,
+        model_path=lambda name: ensure_model(models[name], pipeline.models_root),
+        model_dtype=lambda name: models[name].dtype,
+    )
 
 
 class PeakRSS:
@@ -90,28 +88,25 @@ class PeakRSS:
 
 def _prepare(pipeline: Pipeline, stage: str) -> tuple[Any, Inputs, ArtifactWriter]:
     node = pipeline.nodes[stage]
-    inputs = Inputs(pipeline, stage)
+    inputs = stage_inputs(pipeline, stage)
     writer = pipeline.store.writer(stage, pipeline.fingerprints()[stage])
     writer.models = pipeline.model_identities(node)
     return node, inputs, writer
 
 
 def cached(pipeline: Pipeline, stage: str) -> Artifact | None:
-    """The complete, verified artifact of a stage, or None (one manifest read, no digests)."""
+    """The complete artifact of a stage, or None when there is none (one manifest read, no
+    digests). A corrupt one raises CorruptArtifactError: it is never silently replaced."""
     fp = pipeline.fingerprints()[stage]
     if not pipeline.store.final_dir(stage, fp).exists():
         return None
-    try:
-        return pipeline.store.open(stage, fp)
-    except CorruptArtifactError:
-        return None
+    return pipeline.store.open(stage, fp, required=pipeline.nodes[stage].module.OUTPUTS)
 
 
 def units(pipeline: Pipeline, stage: str) -> list[str] | None:
     """The fan-out units of a stage (e.g. languages), or None for a single-task stage."""
     node = pipeline.nodes[stage]
-    fn = getattr(node.module, "units", None)
-    return list(fn(node.config)) if fn else None
+    return list(node.module.units(node.config)) if is_fan_out(node.module) else None
 
 
 def _cuda_peak(writer: ArtifactWriter) -> None:
@@ -147,7 +142,7 @@ def finish(pipeline: Pipeline, stage: str) -> Artifact:
         hit = cached(pipeline, stage)
         if hit is not None:
             return hit
-        if pipeline.store.promote_partial(stage, fp):
+        if pipeline.store.promote_partial(stage, fp, pipeline.nodes[stage].module.OUTPUTS):
             return pipeline.store.open(stage, fp)
         return _finish_locked(pipeline, stage)
 
@@ -155,19 +150,11 @@ def finish(pipeline: Pipeline, stage: str) -> Artifact:
 def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
     node, inputs, writer = _prepare(pipeline, stage)
     start = time.perf_counter()
-    unit_dir = writer.dir / "_units"
     with PeakRSS() as mem:
-        if units(pipeline, stage) is not None:
-            for unit in units(pipeline, stage):
-                if not (unit_dir / f"{unit}.json").exists():
-                    node.module.run_unit(node.config, inputs, writer, unit)
-            node.module.finish(node.config, inputs, writer)
-        else:
-            node.module.run(node.config, inputs, writer)
+        run_module(node.module, node.config, inputs, writer, done=lambda unit: writer.exists(f"_units/{unit}.json"))
     wall = time.perf_counter() - start
-    unit_stats = []
-    if unit_dir.exists():
-        unit_stats = [json.loads(p.read_text()) for p in sorted(unit_dir.glob("*.json"))]
+    # units that ran as their own tasks (the flow) left their statistics in _units/
+    unit_stats = [writer.read_json(f"_units/{u}.json") for u in units(pipeline, stage) or [] if writer.exists(f"_units/{u}.json")]
     m = writer.metrics
     # wall time of the work: the finish step plus every unit (units may have run concurrently)
     m["wall_seconds"] = round(wall + sum(u.get("wall_seconds", 0) for u in unit_stats), 3)
@@ -186,7 +173,7 @@ def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
         "models": pipeline.model_identities(node),
         "summary": writer.summary,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "polyalign_version": __version__,
+        "polyalign_version": _version(),
         "host": platform.node(),
         "pid": os.getpid(),
     }

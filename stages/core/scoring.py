@@ -105,12 +105,12 @@ class ChoiceScorer:
         prefix_ids = self._shared_tokens(self._ids(prefix), encoded, contexts, prefix) if prefix else []
         groups: dict[tuple[bool, bool], list[int]] = {}  # (uses the prefix, alone in its batch) -> docs
         full = []
-        for i, (ctx, conts) in enumerate(encoded):
-            total = len(ctx) + max(len(c) for c in conts)
-            if total > self.max_length + 1 or not all(conts):
+        for i, (ctx_ids, cont_ids) in enumerate(encoded):
+            total = len(ctx_ids) + max(len(c) for c in cont_ids)
+            if total > self.max_length + 1 or not all(cont_ids):
                 full.append(i)
                 continue
-            shared = bool(prefix_ids) and len(ctx) > len(prefix_ids) and ctx[: len(prefix_ids)] == prefix_ids
+            shared = bool(prefix_ids) and len(ctx_ids) > len(prefix_ids) and ctx_ids[: len(prefix_ids)] == prefix_ids
             # padded batches put pads between context and continuation: a model without position
             # ids cannot skip them, so its documents run alone (no padding at all); a sliding
             # window counts them, so its batches are kept inside the window (see _batches)

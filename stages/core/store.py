@@ -1,35 +1,48 @@
-"""The artifact store: `<root>/<stage>/<fingerprint>/`, complete once `manifest.json` exists.
+"""The artifact store: `<root>/<stage>/<fingerprint>/`, complete exactly when its manifest
+matches its files.
 
 Writes go to `<fingerprint>.partial/`; every file is written to a temporary name and renamed
 into place, so a file that exists is whole. Completion writes `manifest.json` last (atomic
-rename) and then renames the partial folder to its final name. An artifact whose manifest is
-missing, unreadable, or disagrees with the files on disk is never taken as complete.
+rename) and then renames the partial folder to its final name.
+
+Reading keeps that promise:
+- a manifest is checked against a schema (relative paths inside the artifact, sizes and
+  sha256 present, the files the stage declares) before anything else; a bad one makes the
+  artifact `corrupt`, never `cached`;
+- an artifact is read only through its manifest: `records`, `read_json` and `read_bytes`
+  take the files it lists and check each one's sha256 on the bytes they read; `file` checks
+  a listed file, or every file of a listed folder (model weights), once per process while
+  its size and mtime stay the same. A file dropped into an artifact is never read;
+- `open(deep=True)` (`polyalign status --verify`) hashes every file and refuses unlisted ones.
+Work in progress is read back through the writer, which names a file that does not parse
+and the way out instead of failing with a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import json
 import os
 import shutil
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from polyalign.stages.core.errors import CorruptArtifactError, CorruptPartialError, StoreError
 from polyalign.stages.core.fingerprint import file_digest
 
 MANIFEST = "manifest.json"
 STORE_ENV = "POLYALIGN_STORE"
-
-
-class CorruptArtifactError(Exception):
-    """A final artifact folder exists but its manifest or files do not check out."""
+_HEX = set("0123456789abcdef")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -51,42 +64,161 @@ def atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     return len(lines)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def glob_match(rel: str, pattern: str) -> bool:
+    """`Path.glob` semantics on a relative posix path: same depth, each part matches."""
+    parts, pats = rel.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(parts, pats))
 
 
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-class Artifact:
-    """A complete, verified artifact (read-only)."""
+def _bad_path(rel: Any) -> str | None:
+    """Why `rel` is not a file path inside an artifact, or None."""
+    if not isinstance(rel, str) or not rel:
+        return "not a path"
+    if "\\" in rel or "\x00" in rel:
+        return "not a plain relative path"
+    p = PurePosixPath(rel)
+    if p.is_absolute() or rel.startswith("/"):
+        return "absolute path"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "path leaves the artifact or is not normalised"
+    if rel == MANIFEST:
+        return "the manifest cannot list itself"
+    return None
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+
+def check_manifest(manifest: Any, fp: str, required: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Validate a parsed manifest; returns its `files` table or raises ValueError (one line)."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest is a {type(manifest).__name__}, not an object")
+    if manifest.get("fingerprint") != fp:
+        raise ValueError("manifest fingerprint does not match the folder name")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("manifest has no 'files' table")
+    for rel, meta in files.items():
+        why = _bad_path(rel)
+        if why:
+            raise ValueError(f"manifest entry {rel!r}: {why}")
+        if not isinstance(meta, dict):
+            raise ValueError(f"manifest entry {rel!r}: expected an object with size and sha256")
+        size, digest = meta.get("size"), meta.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"manifest entry {rel!r}: missing or invalid 'size'")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise ValueError(f"manifest entry {rel!r}: missing or invalid 'sha256'")
+    for pattern in required:
+        if not any(glob_match(rel, pattern) or rel.startswith(pattern.rstrip("/") + "/") for rel in files):
+            raise ValueError(f"manifest lists no {pattern!r}, which this stage always writes")
+    metrics = manifest.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise ValueError("manifest 'metrics' is not an object")
+    return files
+
+
+# verified files: absolute path -> (size, mtime_ns, inode, sha256); see Artifact.file
+_verified: dict[str, tuple[int, int, int, str]] = {}
+_verified_lock = threading.Lock()
+
+
+class Artifact:
+    """A complete artifact (read-only). Every read goes through its manifest."""
+
+    def __init__(self, store: "Store", stage: str, path: Path, manifest: dict[str, Any]):
+        self.store = store
+        self.stage = stage
         self.path = path
         self.manifest = manifest
+        self.files: dict[str, dict[str, Any]] = manifest["files"]
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
+        return str(self.manifest["fingerprint"])
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return self.manifest.get("metrics", {})
+        return dict(self.manifest.get("metrics", {}))
 
-    def file(self, rel: str) -> Path:
-        return self.path / rel
+    def _corrupt(self, why: str) -> CorruptArtifactError:
+        return self.store.corrupt_error(self.stage, self.fingerprint, why)
+
+    def listed(self, pattern: str) -> list[str]:
+        """Manifest paths matching a glob pattern (`data/*/*.jsonl`), sorted."""
+        return sorted(rel for rel in self.files if glob_match(rel, pattern))
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The bytes of a listed file, checked against the manifest's sha256 as read."""
+        meta = self.files.get(rel)
+        if meta is None:
+            raise self._corrupt(f"{rel} is not listed in its manifest")
+        try:
+            data = (self.path / rel).read_bytes()
+        except OSError as exc:
+            raise self._corrupt(f"{rel} cannot be read ({exc.strerror or exc})") from None
+        if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise self._corrupt(f"{rel} does not match its sha256")
+        return data
 
     def read_json(self, rel: str) -> Any:
-        return json.loads((self.path / rel).read_text(encoding="utf-8"))
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError as exc:  # matches its digest, yet is no JSON: written wrong
+            raise self._corrupt(f"{rel} is not valid JSON ({exc})") from None
 
     def records(self, pattern: str) -> list[dict[str, Any]]:
-        """All records of the JSONL files matching `pattern`, in sorted file order."""
+        """All records of the listed JSONL files matching `pattern`, in sorted file order."""
         out: list[dict[str, Any]] = []
-        for shard in sorted(self.path.glob(pattern)):
-            out.extend(read_jsonl(shard))
+        for rel in self.listed(pattern):
+            try:
+                out.extend(parse_jsonl(self.read_bytes(rel)))
+            except ValueError as exc:
+                raise self._corrupt(f"{rel} is not valid JSONL ({exc})") from None
         return out
+
+    def file(self, rel: str) -> Path:
+        """The path of a listed file, or of a folder whose files are all listed (a model),
+        after checking their digests. Checks are remembered per process while a file keeps
+        its size, mtime and inode, so large weights are hashed once."""
+        target = self.path / rel
+        prefix = rel.rstrip("/") + "/"
+        members = [r for r in self.files if r == rel or r.startswith(prefix)]
+        if not members:
+            raise self._corrupt(f"{rel} is not listed in its manifest")
+        if target.is_dir():
+            for p in target.rglob("*"):
+                if p.is_file() and not p.name.startswith("."):
+                    member = p.relative_to(self.path).as_posix()
+                    if member not in self.files:
+                        raise self._corrupt(f"{member} is not listed in its manifest")
+        for member in members:
+            self._verify(member)
+        return target
+
+    def _verify(self, rel: str) -> None:
+        meta = self.files[rel]
+        p = self.path / rel
+        try:
+            st = p.stat()
+        except OSError:
+            raise self._corrupt(f"{rel} is missing") from None
+        key = str(p.resolve())
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        with _verified_lock:
+            seen = _verified.get(key)
+        if seen is not None and seen[:3] == stamp and seen[3] == meta["sha256"]:
+            return
+        if st.st_size != meta["size"] or file_digest(str(p)) != meta["sha256"]:
+            raise self._corrupt(f"{rel} does not match its sha256")
+        with _verified_lock:
+            _verified[key] = (*stamp, meta["sha256"])
 
 
 class ArtifactWriter:
@@ -97,6 +229,11 @@ class ArtifactWriter:
         self.stage = stage
         self.fingerprint = fp
         self.dir = store.partial_dir(stage, fp)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise CorruptPartialError(
+                f"{self.dir}: the work folder of stage {stage!r} is not a folder; "
+                f"{store.clean_hint(stage)} to start the stage over"
+            )
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics: dict[str, Any] = {}
         self.card: str | None = None
@@ -121,10 +258,28 @@ class ArtifactWriter:
     def write_text(self, rel: str, text: str) -> None:
         atomic_write_text(self.path(rel), text)
 
+    def unreadable(self, path: Path, exc: BaseException) -> CorruptPartialError:
+        """The one-line error for a work file that does not read back."""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+        return CorruptPartialError(
+            f"{path}: work file of stage {self.stage!r} cannot be read back ({type(exc).__name__}: {reason}); "
+            f"delete that file to redo its part, or {self.store.clean_hint(self.stage)} to start the stage over"
+        )
+
+    def read_json(self, rel: str) -> Any:
+        path = self.dir / rel
+        try:
+            return json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise self.unreadable(path, exc) from None
+
     def records(self, pattern: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for shard in sorted(self.dir.glob(pattern)):
-            out.extend(read_jsonl(shard))
+            try:
+                out.extend(parse_jsonl(shard.read_bytes()))
+            except (OSError, ValueError) as exc:
+                raise self.unreadable(shard, exc) from None
         return out
 
     def commit(self, manifest: dict[str, Any]) -> Artifact:
@@ -145,10 +300,19 @@ class ArtifactWriter:
 
 
 class Store:
-    """A local folder of artifacts (fsspec URLs are a planned extension)."""
+    """A local folder of artifacts (fsspec URLs are a planned extension).
 
-    def __init__(self, root: str | os.PathLike[str]):
+    `config` is the pipeline file the store serves; it only makes error messages say the
+    exact command that rebuilds a stage.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], config: str | None = None):
+        if not str(root).strip():
+            raise StoreError("store: empty path (give a folder with --store, $POLYALIGN_STORE or `store:`)")
         self.root = Path(root).expanduser()
+        self.config = config
+
+    # ------------------------------------------------------------------ places and states
 
     def final_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / fp
@@ -156,12 +320,34 @@ class Store:
     def partial_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / f"{fp}.partial"
 
-    def state(self, stage: str, fp: str) -> str:
+    def clean_hint(self, stage: str) -> str:
+        return f"run `polyalign clean {stage} {self.config or 'CONFIG'}`"
+
+    def corrupt_error(self, stage: str, fp: str, why: str) -> CorruptArtifactError:
+        return CorruptArtifactError(
+            f"artifact {stage}/{fp[:16]} in {self.root} is corrupt: {why}; "
+            f"{self.clean_hint(stage)} and run again to rebuild it"
+        )
+
+    def check_root(self, writable: bool) -> None:
+        """A one-line StoreError unless the root is a folder (and, to write, a writable one)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store {self.root}: exists and is not a folder")
+        if not writable:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"store {self.root}: not writable ({exc.strerror or exc})") from None
+
+    def state(self, stage: str, fp: str, required: Sequence[str] = ()) -> str:
         """'cached', 'partial', 'corrupt' or 'missing' (cheap: checks sizes, not digests)."""
-        final = self.final_dir(stage, fp)
-        if final.exists():
+        if self.final_dir(stage, fp).exists():
             try:
-                self.open(stage, fp)
+                self.open(stage, fp, required=required)
                 return "cached"
             except CorruptArtifactError:
                 return "corrupt"
@@ -171,48 +357,61 @@ class Store:
 
     def size(self, stage: str, fp: str) -> int:
         for d in (self.final_dir(stage, fp), self.partial_dir(stage, fp)):
-            if d.exists():
+            if d.is_dir():
                 return _dir_size(d)
         return 0
 
-    def open(self, stage: str, fp: str, deep: bool = False) -> Artifact:
-        """Open a complete artifact, checking every file listed in its manifest.
+    def open(self, stage: str, fp: str, deep: bool = False, required: Sequence[str] = ()) -> Artifact:
+        """Open a complete artifact: its manifest is valid and every listed file has its size.
 
-        `deep=True` also recomputes each file's sha256.
+        `deep=True` also recomputes each file's sha256 and refuses files the manifest does
+        not list. Raises CorruptArtifactError (one line) otherwise.
         """
         final = self.final_dir(stage, fp)
-        mpath = final / MANIFEST
+        if not final.is_dir():
+            raise self.corrupt_error(stage, fp, "not a folder")
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            manifest = json.loads((final / MANIFEST).read_bytes().decode("utf-8"))
         except (OSError, ValueError) as exc:
-            raise CorruptArtifactError(f"{final}: unreadable manifest ({exc})") from exc
-        if manifest.get("fingerprint") != fp:
-            raise CorruptArtifactError(f"{final}: manifest fingerprint does not match folder")
-        for rel, meta in manifest.get("files", {}).items():
+            raise self.corrupt_error(stage, fp, f"unreadable {MANIFEST} ({type(exc).__name__})") from None
+        try:
+            files = check_manifest(manifest, fp, required)
+        except ValueError as exc:
+            raise self.corrupt_error(stage, fp, str(exc)) from None
+        for rel, meta in files.items():
             p = final / rel
             if not p.is_file() or p.stat().st_size != meta["size"]:
-                raise CorruptArtifactError(f"{final}: file {rel} is missing or has the wrong size")
-            if deep and file_digest(str(p)) != meta["sha256"]:
-                raise CorruptArtifactError(f"{final}: file {rel} does not match its sha256")
-        return Artifact(final, manifest)
+                raise self.corrupt_error(stage, fp, f"{rel} is missing or has the wrong size")
+        art = Artifact(self, stage, final, manifest)
+        if deep:
+            for rel in sorted(files):
+                if file_digest(str(final / rel)) != files[rel]["sha256"]:
+                    raise self.corrupt_error(stage, fp, f"{rel} does not match its sha256")
+            for p in sorted(final.rglob("*")):
+                rel = p.relative_to(final).as_posix()
+                if p.is_file() and rel != MANIFEST and not p.name.startswith(".") and rel not in files:
+                    raise self.corrupt_error(stage, fp, f"{rel} is not listed in its manifest")
+        return art
 
-    def promote_partial(self, stage: str, fp: str) -> bool:
+    def promote_partial(self, stage: str, fp: str, required: Sequence[str] = ()) -> bool:
         """Finish a commit cut off between the manifest write and the rename.
 
         Returns True when the partial folder held a manifest that matches its files and is
-        now the final artifact; a stale manifest is removed so the commit is redone.
+        now the final artifact; a stale or invalid manifest is removed so the commit is redone.
         """
         partial = self.partial_dir(stage, fp)
         mpath = partial / MANIFEST
         if not mpath.exists():
             return False
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-            ok = manifest.get("fingerprint") == fp and all(
-                (partial / rel).is_file() and (partial / rel).stat().st_size == meta["size"]
-                for rel, meta in manifest.get("files", {}).items()
+            files = check_manifest(json.loads(mpath.read_bytes().decode("utf-8")), fp, required)
+            ok = all(
+                (partial / rel).is_file()
+                and (partial / rel).stat().st_size == meta["size"]
+                and file_digest(str(partial / rel)) == meta["sha256"]
+                for rel, meta in files.items()
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             ok = False
         if not ok:
             mpath.unlink(missing_ok=True)
@@ -241,8 +440,27 @@ class Store:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def writer(self, stage: str, fp: str) -> ArtifactWriter:
-        (self.partial_dir(stage, fp) / MANIFEST).unlink(missing_ok=True)  # a stale, unpromoted one
+        stale = self.partial_dir(stage, fp) / MANIFEST
+        if stale.is_file():
+            stale.unlink()  # a stale, unpromoted one
         return ArtifactWriter(self, stage, fp)
 
     def discard_partial(self, stage: str, fp: str) -> None:
         shutil.rmtree(self.partial_dir(stage, fp), ignore_errors=True)
+
+    def remove(self, stage: str, fp: str | None = None) -> list[Path]:
+        """Delete a stage's artifact, work folder, lock and set-aside corrupt copies (of one
+        fingerprint, or of every fingerprint when `fp` is None). Returns what was removed."""
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        removed = []
+        for p in sorted(folder.iterdir()):
+            if fp is not None and not (p.name == fp or p.name.startswith(fp + ".")):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        return removed

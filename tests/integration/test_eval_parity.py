@@ -113,7 +113,9 @@ def lms(offline, tmp_path_factory: pytest.TempPathFactory):
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from polyalign.stages.core.models import ModelSpec, TinySpec, ensure_model, load_causal_lm, load_tokenizer, models_dir
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
+    from polyalign.stages.core.prepare import ensure_model
 
     for noisy in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

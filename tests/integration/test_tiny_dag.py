@@ -109,7 +109,8 @@ def test_evaluation_matches_an_independent_forward_pass(tiny_run):
     import torch
 
     from polyalign.stages.core.benchmarks import builtin_path, read_rows
-    from polyalign.stages.core.models import ensure_model, load_causal_lm, load_tokenizer
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.prepare import ensure_model
 
     *_, pipe, arts = tiny_run
     ev = arts["evaluate"]

@@ -6,7 +6,13 @@ from importlib import util
 
 import pytest
 
-from polyalign.stages.core.models import PREPARED_RECIPES, ModelSpec, cached_lm, ensure_model, models_dir
+from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
+from polyalign.stages.core.model_specs import PREPARED_RECIPES, ModelSpec, models_dir
+from polyalign.stages.core.prepare import ensure_model
+
+
+def cached_lm(path: str):
+    return load_causal_lm(path), load_tokenizer(path)
 
 pytestmark = pytest.mark.slow
 

@@ -209,7 +209,8 @@ def test_config_checks_per_language_overrides_prompts_and_shot_pools(tmp_path):
 
 
 def test_a_language_without_a_file_is_reported_and_the_others_kept():
-    from polyalign.stages.evaluate import Config, collect, markdown
+    from polyalign.stages.core.report import markdown
+    from polyalign.stages.evaluate import Config, collect
 
     cfg = Config(model="base", languages=["fr", "ta"], benchmarks={"m": {}})
     metrics = {"n": 24, "acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.25, "acc_norm_stderr": 0.09}

@@ -41,10 +41,14 @@ def test_registry_matches_configs_and_modules():
     assert used == set(REGISTRY)
     for stage_type in REGISTRY:
         module = load_stage(stage_type)
-        for attr in ("VERSION", "Config", "INPUTS", "run"):
+        for attr in ("VERSION", "Config", "INPUTS", "OUTPUTS"):
             assert hasattr(module, attr), f"{stage_type} lacks {attr}"
+        # either one `run`, or the fan-out trio (the loop over units lives in contract.py)
+        fan_out = ("units", "run_unit", "finish")
         if hasattr(module, "units"):
-            assert hasattr(module, "run_unit") and hasattr(module, "finish")
+            assert all(hasattr(module, a) for a in fan_out) and not hasattr(module, "run"), stage_type
+        else:
+            assert hasattr(module, "run") and not any(hasattr(module, a) for a in fan_out), stage_type
 
 
 def _all_fields(model_cls, prefix=""):

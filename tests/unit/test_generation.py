@@ -3,13 +3,15 @@
 import pytest
 
 from polyalign.stages.core.generation import LocalLM, SamplingParams
-from polyalign.stages.core.models import TinySpec, ModelSpec, cached_lm, ensure_model, models_dir
+from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
+from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
+from polyalign.stages.core.prepare import ensure_model
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
     path = ensure_model(ModelSpec(tiny=TinySpec(seed=5)), models_dir())
-    model, tok = cached_lm(path)
+    model, tok = load_causal_lm(path), load_tokenizer(path)
     return model, tok
 
 
@@ -50,7 +52,7 @@ def test_sampling_returns_k_sequences(tiny_lm):
 
 
 def test_default_chat_template_ends_turns_with_the_models_eos(tiny_lm):
-    from polyalign.stages.core.models import DEFAULT_CHAT_TEMPLATE
+    from polyalign.stages.core.model_specs import DEFAULT_CHAT_TEMPLATE
 
     _, tok = tiny_lm
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -66,7 +68,7 @@ def test_reward_scoring_leaves_a_shared_tokenizer_left_padded(tiny_lm):
     generation uses: scoring must not flip it to right padding (it once did)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from polyalign.stages.reward_model import score
+    from polyalign.stages.core.reward import score
 
     lm = LocalLM(*tiny_lm, batch_size=2, progress=False)
     cfg = LlamaConfig(vocab_size=len(lm.tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_labels=1, pad_token_id=lm.tok.pad_token_id)

@@ -1,0 +1,69 @@
+"""The stage contract: what a stage's functions receive, and the one loop that runs a stage.
+
+A stage module has `VERSION`, `Config`, `INPUTS` (and maybe `OPTIONAL_INPUTS`), `OUTPUTS`
+(file patterns every artifact of the stage holds: a manifest without them is corrupt), and
+either `run(cfg, inputs, out)` or, for a stage that fans out (one unit per language),
+`units(cfg)`, `run_unit(cfg, inputs, out, unit)` and `finish(cfg, inputs, out)`.
+
+`inputs` is an `Inputs` (upstream artifacts by input name, and the models of the pipeline's
+`models:` table); `out` is the `ArtifactWriter` of the stage's partial folder. This module is
+light (no torch, no Prefect): stages import it at module level for their annotations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from polyalign.stages.core.store import Artifact, ArtifactWriter
+
+__all__ = ["Artifact", "ArtifactWriter", "Inputs", "run_module", "is_fan_out"]
+
+
+class Inputs:
+    """What a stage receives: upstream artifacts by input name, and model resolution."""
+
+    def __init__(
+        self,
+        artifacts: dict[str, Artifact],
+        model_path: Callable[[str], str],
+        model_dtype: Callable[[str], str],
+    ):
+        self.artifacts = artifacts
+        self._model_path = model_path
+        self._model_dtype = model_dtype
+
+    def __getitem__(self, name: str) -> Artifact:
+        return self.artifacts[name]
+
+    def get(self, name: str) -> Artifact | None:
+        return self.artifacts.get(name)
+
+    def model(self, name: str) -> str:
+        """A loadable path (or hub id) for a model of the pipeline's `models:` table."""
+        return self._model_path(name)
+
+    def model_dtype(self, name: str) -> str:
+        return self._model_dtype(name)
+
+
+def is_fan_out(module: ModuleType) -> bool:
+    return hasattr(module, "units")
+
+
+def run_module(
+    module: ModuleType,
+    cfg: Any,
+    inputs: Inputs,
+    out: ArtifactWriter,
+    done: Callable[[str], bool] = lambda unit: False,
+) -> None:
+    """Run a stage into `out`: `run`, or every unit not `done` and then `finish`."""
+    if not is_fan_out(module):
+        module.run(cfg, inputs, out)
+        return
+    for unit in module.units(cfg):
+        if not done(unit):
+            module.run_unit(cfg, inputs, out, unit)
+    module.finish(cfg, inputs, out)

@@ -1,0 +1,285 @@
+"""Loading models into this process, and the process-wide cache of loaded models.
+
+- `load_tokenizer`, `load_causal_lm`, `load_reward_model`: plain loaders (training stages use
+  them for the model they train).
+- `use_lm(path, adapters, dtype)`: a model for inference, shared by every task of the
+  process. One base model stays in memory per (weights, dtype); PEFT adapters are loaded
+  onto it by name and merged into it on demand, so the base, SFT and aligned variants of an
+  evaluation cost one model, not three. Switching restores the base weights from a copy of
+  the adapted layers taken before the first merge, so every variant computes exactly what a
+  freshly merged copy would (`merge_and_unload`, adapter after adapter).
+  Tasks that want the same variant share the model; a task that wants another one waits
+  until the model is free.
+- Tokenizers are cached per thread: a fast tokenizer is not safe to call from two threads
+  at once ("Already borrowed"), and fan-out units run on a thread pool.
+- `cached_reward_model`: a reward model loaded once per process.
+
+Torch, transformers and peft are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from polyalign.stages.core.model_specs import DEFAULT_CHAT_TEMPLATE
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(spec_dtype: str) -> Any:
+    import torch
+
+    if spec_dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, spec_dtype)
+
+
+def load_tokenizer(path: str, padding_side: str = "left") -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def is_adapter(folder: str) -> bool:
+    """A PEFT adapter folder (as opposed to a fully fine-tuned model)."""
+    return (Path(folder) / "adapter_config.json").exists()
+
+
+def load_causal_lm(
+    path: str, adapters: Sequence[str] | None = None, dtype: str = "auto", num_labels: int | None = None
+) -> Any:
+    """Load a causal LM (or, with `num_labels`, a sequence classifier on the same backbone)
+    and merge the given PEFT adapters into it, in order."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if num_labels is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype(dtype), num_labels=num_labels
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    for adapter in adapters or []:
+        from peft import PeftConfig, PeftModel
+
+        if not is_adapter(adapter):
+            # a fully fine-tuned model: it replaces what was loaded so far
+            cls = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+            extra = {} if num_labels is None else {"num_labels": num_labels}
+            model = cls.from_pretrained(adapter, dtype=torch_dtype(dtype), **extra)
+            continue
+        config = PeftConfig.from_pretrained(adapter)
+        if num_labels is not None:
+            config.task_type = None  # a causal-LM adapter merged into a classifier's backbone
+        model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
+    model.to(device())
+    model.eval()
+    return model
+
+
+def load_reward_model(path: str, adapters: Sequence[str], dtype: str = "auto") -> Any:
+    """A reward model: sequence classifier with the SFT adapter merged, then the RM adapter
+    (whose saved modules include the trained score head)."""
+    from peft import PeftModel
+
+    model = load_causal_lm(path, adapters[:-1], dtype, num_labels=1)
+    model = PeftModel.from_pretrained(model, adapters[-1]).merge_and_unload()
+    model.to(device())
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class _Resident:
+    """One base model in memory with named adapters merged into it on demand."""
+
+    def __init__(self, path: str, dtype: str):
+        self.path = path
+        self.dtype = dtype
+        self.base = load_causal_lm(path, dtype=dtype)
+        self.peft: Any = None  # the PeftModel once an adapter is loaded
+        self.names: dict[str, str] = {}  # adapter folder -> adapter name
+        self.pristine: dict[str, tuple[Any, Any]] = {}  # module name -> (weight, bias) before any merge
+        self.current: tuple[str, ...] = ()  # the adapter folders merged in now, in order
+        self.users = 0
+        self.holders: dict[int, int] = {}  # thread id -> nested uses
+        self.cond = threading.Condition()
+
+    @property
+    def model(self) -> Any:
+        """The transformers model (with adapter layers injected once an adapter is loaded)."""
+        return self.base if self.peft is None else self.peft.get_base_model()
+
+    def _load_adapter(self, folder: str) -> str:
+        from peft import PeftModel
+
+        if folder in self.names:
+            return self.names[folder]
+        name = f"adapter{len(self.names)}"
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name)
+        else:
+            self.peft.load_adapter(folder, adapter_name=name)
+        self.names[folder] = name
+        self.peft.eval()
+        return name
+
+    def _lora_layers(self) -> Iterator[tuple[str, Any]]:
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in self.peft.base_model.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    def _restore(self) -> None:
+        """Put back the exact base weights of every merged layer."""
+        for lname, layer in self._lora_layers():
+            if layer.merged_adapters:
+                weight, bias = self.pristine[lname]
+                base = layer.get_base_layer()
+                base.weight.data.copy_(weight)
+                if bias is not None:
+                    base.bias.data.copy_(bias)
+                layer.merged_adapters = []
+
+    def _switch(self, adapters: tuple[str, ...]) -> None:
+        """Make the model compute base + `adapters` merged in order (exactly)."""
+        if adapters == self.current:
+            return
+        if self.peft is not None:
+            self._restore()  # first: peft would unmerge by subtraction when loading an adapter
+        names = [self._load_adapter(a) for a in adapters]
+        self.current = adapters
+        if self.peft is None:
+            return
+        if not names:
+            self.peft.base_model.disable_adapter_layers()  # unmerged layers add nothing
+            return
+        self.peft.base_model.enable_adapter_layers()
+        for lname, layer in self._lora_layers():
+            if lname not in self.pristine:  # what merging will change, copied once
+                base = layer.get_base_layer()
+                bias = getattr(base, "bias", None)
+                self.pristine[lname] = (  # kept in host memory: it is read only to switch
+                    base.weight.detach().to("cpu", copy=True),
+                    bias.detach().to("cpu", copy=True) if bias is not None else None,
+                )
+            layer.merge(adapter_names=[n for n in names if n in layer.lora_A])
+
+    @contextlib.contextmanager
+    def use(self, adapters: tuple[str, ...]) -> Iterator[Any]:
+        me = threading.get_ident()
+        with self.cond:
+            while self.users and not self.merged_for(adapters):
+                if me in self.holders:  # waiting for ourselves would never end
+                    raise RuntimeError(
+                        f"{self.path}: one task asked for two adapter sets of the same model at once; "
+                        "finish with one before using the other"
+                    )
+                self.cond.wait()
+            self._switch(adapters)
+            self.users += 1
+            self.holders[me] = self.holders.get(me, 0) + 1
+        try:
+            yield self.model
+        finally:
+            with self.cond:
+                self.users -= 1
+                self.holders[me] -= 1
+                if not self.holders[me]:
+                    del self.holders[me]
+                self.cond.notify_all()
+
+    def merged_for(self, adapters: tuple[str, ...]) -> bool:
+        """True when the model computes exactly base + `adapters` right now."""
+        return adapters == self.current
+
+
+_residents: dict[tuple[str, str], _Resident] = {}
+_reward_models: dict[tuple[str, tuple[str, ...], str], Any] = {}
+_tokenizers: dict[tuple[str, int], Any] = {}
+_cache_lock = threading.Lock()
+
+
+def split_chain(path: str, adapters: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """(weights loaded as the base, PEFT adapters on top): a fully fine-tuned model in the
+    chain replaces everything before it."""
+    chain = list(adapters)
+    full = [i for i, a in enumerate(chain) if not is_adapter(a)]
+    if full:
+        path, chain = chain[full[-1]], chain[full[-1] + 1 :]
+    return path, tuple(chain)
+
+
+def thread_tokenizer(path: str) -> Any:
+    """The tokenizer of `path` for the calling thread (loaded once per thread)."""
+    key = (path, threading.get_ident())
+    with _cache_lock:
+        tok = _tokenizers.get(key)
+    if tok is None:
+        tok = load_tokenizer(path)
+        with _cache_lock:
+            tok = _tokenizers.setdefault(key, tok)
+    return tok
+
+
+@contextlib.contextmanager
+def use_lm(path: str, adapters: Sequence[str] = (), dtype: str = "auto") -> Iterator[tuple[Any, Any]]:
+    """(model, tokenizer) for inference: `path` with `adapters` merged in order.
+
+    The model is shared within the process and must not be modified; hold it only inside
+    the `with` block. The tokenizer is the base model's, private to the calling thread.
+    """
+    base, chain = split_chain(path, adapters)
+    key = (base, dtype)
+    with _cache_lock:
+        resident = _residents.get(key)
+        if resident is None:
+            resident = _residents[key] = _Resident(base, dtype)
+    tok = thread_tokenizer(path)
+    with resident.use(chain) as model:
+        yield model, tok
+
+
+def cached_reward_model(path: str, adapters: Sequence[str], dtype: str = "auto") -> Any:
+    """A reward model (see `load_reward_model`) loaded once per process."""
+    key = (path, tuple(adapters), dtype)
+    with _cache_lock:
+        if key not in _reward_models:
+            _reward_models[key] = load_reward_model(path, adapters, dtype)
+        return _reward_models[key]
+
+
+def release_models() -> None:
+    """Drop the process-wide model caches (and free accelerator memory)."""
+    import gc
+
+    with _cache_lock:
+        _residents.clear()
+        _reward_models.clear()
+        _tokenizers.clear()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
