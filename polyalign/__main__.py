@@ -1,3 +1,5 @@
+"""`python -m polyalign`: the command line (see `polyalign.cli`)."""
+
 from polyalign.cli import main
 
 main()

@@ -67,7 +67,7 @@ def _shot_table() -> dict[str, list[list[str]]]:
 
 
 def _shots(lang: str, n: int) -> list[tuple[str, str]]:
-    return [(src, tgt) for src, tgt in _shot_table()[lang][:n]]
+    return [(src, tgt) for src, tgt in _shot_table().get(lang, [])[:n]]
 
 
 def _prompt(text: str, lang: str, shots: list[tuple[str, str]]) -> str:

@@ -101,8 +101,13 @@ def test_preference_pairs_are_ranked(tiny_run):
         assert p["score_chosen"] > p["score_rejected"]
         assert p["chosen"] in p["responses"] and p["rejected"] in p["responses"]
         assert len(p["responses"]) == 3
-    acc = arts["reward_model"].metrics["heldout_accuracy"]
-    assert acc is None or 0.0 <= acc <= 1.0
+    rm = arts["reward_model"]
+    held = rm.records("heldout_scores.jsonl")
+    assert held, "the tiny config holds out pairs: the accuracy must be measured"
+    # the headline metric is exactly the share of held-out pairs the reward model ranks right
+    expected = sum(h["reward_chosen"] > h["reward_rejected"] for h in held) / len(held)
+    assert rm.metrics["heldout_accuracy"] == expected
+    assert rm.metrics["heldout_pairs"] == len(held)
 
 
 def test_evaluation_matches_an_independent_forward_pass(tiny_run):
@@ -198,3 +203,96 @@ def test_stage_with_missing_upstream_names_it(tmp_path):
     assert proc.returncode == 2
     assert "needs input 'data' from stage 'translate', which is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _same_size_edit(path) -> None:
+    raw = bytearray(path.read_bytes())
+    i = raw.index(b'"', 10) + 1  # inside a string value: the file stays the same size
+    raw[i] = ord("Q") if raw[i] != ord("Q") else ord("R")
+    path.write_bytes(bytes(raw))
+
+
+def test_a_tampered_upstream_stops_the_run_with_one_line(tiny_run, tmp_path):
+    import shutil
+
+    from tests.conftest import cli
+
+    *_, pipe, _ = tiny_run
+    store = tmp_path / "store"
+    shutil.copytree(pipe.store.root, store)
+    copy = load_pipeline(TINY, store=str(store))
+    fps = copy.fingerprints()
+    translate = copy.store.open("translate", fps["translate"])
+    shard = translate.listed("data/fr/*.jsonl")[0]
+    _same_size_edit(translate.path / shard)
+
+    def states(*extra):
+        proc = cli("status", str(TINY), "--store", str(store), "--json", *extra, check=True)
+        return {s["name"]: s for s in json.loads(proc.stdout)["stages"]}
+
+    assert states()["translate"]["state"] == "cached"  # sizes agree: the cheap check passes
+    verified = states("--verify")["translate"]
+    assert verified["state"] == "corrupt" and f"{shard} does not match its sha256" in verified["problem"]
+
+    # sft rebuilt from the tampered data: refused, one line, nothing committed
+    assert cli("clean", "sft", str(TINY), "--store", str(store), check=True).stdout.startswith("removed ")
+    proc = cli("stage", "sft", str(TINY), "--store", str(store))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and f"artifact translate/{fps['translate'][:16]}" in line
+    assert f"polyalign clean translate {TINY}" in line
+    assert copy.store.state("sft", fps["sft"]) != "cached"
+
+    proc = cli("run", str(TINY), "--store", str(store), "--until", "sft")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]  # Prefect's own logs aside
+    assert len(errors) == 1 and errors[0].startswith(f"error: artifact translate/{fps['translate'][:16]} "), proc.stderr[-3000:]
+
+    # a manifest that is not even an object: corrupt in status, named by run, no traceback
+    cli("clean", "translate", str(TINY), "--store", str(store), check=True)
+    shutil.copytree(pipe.store.final_dir("translate", fps["translate"]), copy.store.final_dir("translate", fps["translate"]))
+    (copy.store.final_dir("translate", fps["translate"]) / "manifest.json").write_text("[]")
+    assert states()["translate"]["state"] == "corrupt"
+    proc = cli("stage", "sft", str(TINY), "--store", str(store))
+    assert proc.returncode == 2 and "manifest is a list" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_evaluation_units_run_concurrently_like_one_after_the_other(tiny_run, tmp_path):
+    """Units share the process's model (adapters switched) and each thread its tokenizer."""
+    import shutil
+    import threading
+
+    from polyalign.stages.core import runner
+    from polyalign.stages.core.loading import release_models
+
+    *_, pipe, _ = tiny_run
+    over = ["evaluate.limit=6", "evaluate.languages=[fr, de]", "evaluate.responses.limit=1"]
+    results = {}
+    for mode in ("threads", "sequential"):
+        store = tmp_path / mode
+        shutil.copytree(pipe.store.root, store)
+        p = load_pipeline(TINY, over, store=str(store))
+        release_models()
+        if mode == "threads":
+            errors = []
+
+            def unit(lang, p=p, errors=errors):
+                try:
+                    runner.run_unit(p, "evaluate", lang)
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(f"{lang}: {exc!r}")
+
+            threads = [threading.Thread(target=unit, args=(lang,)) for lang in ("fr", "de")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=600)
+            assert errors == []
+        else:
+            for lang in ("fr", "de"):
+                runner.run_unit(p, "evaluate", lang)
+        partial = p.store.partial_dir("evaluate", p.fingerprints()["evaluate"])
+        results[mode] = {lang: json.loads((partial / "results" / f"{lang}.json").read_text()) for lang in ("fr", "de")}
+    release_models()
+    assert results["threads"] == results["sequential"]
+    assert set(results["threads"]["fr"]["benchmarks"]["mini_mc"]["models"]) == {"base", "sft", "aligned"}

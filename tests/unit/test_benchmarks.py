@@ -224,3 +224,48 @@ def test_a_language_without_a_file_is_reported_and_the_others_kept():
     assert bench["macro"]["base"]["acc"] == 0.5 and bench["macro"]["base"]["languages"] == 1
     md = markdown(results)
     assert "| fr (n=24) | 0.500 ± 0.100 | 0.250 ± 0.090 |" in md and "- ta: no file for ta: x/ta_test.json" in md
+
+
+def test_only_a_definite_absence_counts_as_missing(tmp_path, monkeypatch):
+    """No file: missing (recorded). Cannot read it now (permission, network, Hub): the unit
+    fails with one line and the next run tries again."""
+    import pathlib
+
+    source = str(tmp_path / "{lang}_{split}.json")
+    with pytest.raises(FileNotFoundError):
+        B.load_rows("arc", source, "fr", "test")
+    (tmp_path / "de_test.json").write_text("[]")
+    real_stat = pathlib.Path.stat
+
+    def denied(self, *a, **kw):
+        if self.name == "de_test.json":
+            raise PermissionError(13, "Permission denied")
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "stat", denied)
+    with pytest.raises(B.BenchmarkUnavailable, match="de_test.json: cannot be read now .*Permission denied.*tries again"):
+        B.load_rows("arc", source, "de", "test")
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (ConnectionError("Couldn't reach 'x' on the Hub (LocalEntryNotFoundError)"), "unavailable"),
+        (OSError("HTTP 503 from the Hub"), "unavailable"),
+        (ValueError("BuilderConfig 'xx' not found. Available: ['fr', 'de']"), "missing"),
+        (ValueError('Unknown split "test". Should be one of [\'validation\'].'), "missing"),
+    ],
+)
+def test_hub_errors_split_into_missing_and_transient(monkeypatch, raised, expected):
+    import datasets
+
+    def fail(*a, **kw):
+        raise raised
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    if expected == "missing":
+        with pytest.raises(FileNotFoundError, match="hf:org/m_arc xx/test"):
+            B.load_rows("arc", "hf:org/m_arc", "xx", "test")
+    else:
+        with pytest.raises(B.BenchmarkUnavailable, match="hf:org/m_arc xx/test: .*the next run tries again"):
+            B.load_rows("arc", "hf:org/m_arc", "xx", "test")

@@ -81,8 +81,19 @@ def test_requests_longer_than_the_model_are_truncated_like_lm_eval(byte_level):
     scorer = ChoiceScorer(model, tok, batch_size=2, max_length=64, progress=False)
     got = scorer.score(contexts, conts)
     assert scorer.stats["per_request"] == 2
+    # lm-eval: keep the last max_length + 1 tokens of context + continuation, feed all but the
+    # last, and score the continuation's tokens at the end of that window
+    for ctx, choices, scores in zip(contexts, conts, got):
+        for cont, ll in zip(choices, scores):
+            ctx_ids, cont_ids = scorer.encode(ctx, cont)
+            window = (ctx_ids + cont_ids)[-(64 + 1) :]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([window[:-1]])).logits[0].float(), -1)
+            n = len(cont_ids)
+            want = sum(logp[len(window) - 1 - n + k, cont_ids[k]].item() for k in range(n))
+            assert ll == pytest.approx(want, abs=1e-4)
     full = ChoiceScorer(model, tok, batch_size=2, progress=False).score(contexts, conts)
-    assert got != full  # the left-truncated context changes the numbers
+    assert got != full  # and the truncation did change the numbers
 
 
 def _model(kind: str, vocab: int):

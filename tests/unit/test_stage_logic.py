@@ -94,3 +94,12 @@ def test_builtin_benchmark_is_parallel_across_languages():
 def test_instance_parsing_keeps_only_the_first_output():
     text = " I have a dog.\nOutput: I have a cat.\nOutput: I have a cat.\nInput: x"
     assert self_instruct._parse_instance(text, "input_output") == ("I have a dog.", "I have a cat.")
+
+
+def test_translate_never_promises_more_shots_than_a_language_has():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="shots: 3 built-in examples per language, but ru has 0"):
+        translate.Config(model="m", languages=["fr", "ru"])
+    assert translate.Config(model="m", languages=["fr", "ru"], shots=0).shots == 0
+    assert translate._prompt("Hi.", "ru", translate._shots("ru", 0)).count("English:") == 1

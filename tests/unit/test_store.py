@@ -105,3 +105,154 @@ def test_store_root_from_env_flag_and_config(tmp_path, monkeypatch):
     assert load_pipeline(TINY).store.root == tmp_path / "env"
     assert load_pipeline(TINY, store=str(tmp_path / "flag")).store.root == tmp_path / "flag"
     os.environ.pop("POLYALIGN_STORE", None)
+
+
+# ---------------------------------------------------------------------------------------
+# tampering: "complete exactly when the manifest matches its files"
+
+
+def _manifest(art):
+    return json.loads((art.path / MANIFEST).read_text())
+
+
+def _write_manifest(art, m):
+    (art.path / MANIFEST).write_text(json.dumps(m))
+
+
+def _same_size_edit(path):
+    raw = bytearray(path.read_bytes())
+    raw[2] = ord("X") if raw[2] != ord("X") else ord("Y")
+    path.write_bytes(bytes(raw))
+
+
+def test_a_same_size_edit_is_caught_when_read(tmp_path):
+    store = Store(tmp_path)
+    art = make(store).commit({"stage": "s"})
+    _same_size_edit(art.path / "data" / "00000.jsonl")
+    art = store.open("s", art.fingerprint)  # cheap open: sizes agree
+    with pytest.raises(CorruptArtifactError, match=r"s/f{16} .* data/00000.jsonl does not match its sha256; run `polyalign clean s"):
+        art.records("data/*.jsonl")
+    with pytest.raises(CorruptArtifactError, match="does not match its sha256"):
+        art.read_bytes("data/00000.jsonl")
+
+
+def test_a_dropped_in_shard_is_never_read_and_fails_deep_verification(tmp_path):
+    store = Store(tmp_path)
+    art = make(store).commit({"stage": "s"})
+    (art.path / "data" / "00001.jsonl").write_text('{"id": "evil"}\n')
+    assert [r["id"] for r in store.open("s", art.fingerprint).records("data/*.jsonl")] == [0, 1, 2]
+    with pytest.raises(CorruptArtifactError, match="data/00001.jsonl is not listed"):
+        store.open("s", art.fingerprint, deep=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda m: m.update(files={}), "lists no 'data/\\*.jsonl'"),
+        (lambda m: m["files"].update({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}), "leaves the artifact"),
+        (lambda m: m["files"].update({"/etc/passwd": {"size": 1, "sha256": "0" * 64}}), "absolute path"),
+        (lambda m: m["files"]["data/00000.jsonl"].pop("size"), "invalid 'size'"),
+        (lambda m: m["files"]["data/00000.jsonl"].update(sha256="abc"), "invalid 'sha256'"),
+        (lambda m: m.update(files=["data/00000.jsonl"]), "no 'files' table"),
+        (lambda m: m.update(metrics=[1]), "'metrics' is not an object"),
+    ],
+)
+def test_a_manifest_that_breaks_the_schema_is_corrupt_never_cached(tmp_path, edit, reason):
+    store = Store(tmp_path)
+    art = make(store).commit({"stage": "s"})
+    m = _manifest(art)
+    edit(m)
+    _write_manifest(art, m)
+    required = ("data/*.jsonl",)
+    assert store.state("s", art.fingerprint, required=required) == "corrupt"
+    with pytest.raises(CorruptArtifactError, match=reason):
+        store.open("s", art.fingerprint, required=required)
+
+
+def test_a_manifest_that_is_a_list_is_corrupt(tmp_path):
+    store = Store(tmp_path)
+    art = make(store).commit({"stage": "s"})
+    (art.path / MANIFEST).write_text("[1, 2]")
+    assert store.state("s", art.fingerprint) == "corrupt"
+    with pytest.raises(CorruptArtifactError, match="manifest is a list"):
+        store.open("s", art.fingerprint)
+
+
+def test_a_model_folder_is_verified_whole_and_once(tmp_path, monkeypatch):
+    from polyalign.stages.core import store as store_mod
+
+    store = Store(tmp_path)
+    w = store.writer("s", "a" * 64)
+    w.write_text("model/config.json", "{}")
+    w.write_text("model/weights.bin", "0123456789")
+    art = w.commit({"stage": "s"})
+    assert art.file("model") == art.path / "model"
+    calls = []
+    real = store_mod.file_digest
+    monkeypatch.setattr(store_mod, "file_digest", lambda p: calls.append(p) or real(p))
+    art.file("model")
+    assert calls == []  # unchanged since verified: not hashed again
+    _same_size_edit(art.path / "model" / "weights.bin")
+    with pytest.raises(CorruptArtifactError, match="model/weights.bin does not match"):
+        art.file("model")
+    (art.path / "model" / "weights.bin").write_text("0123456789")
+    (art.path / "model" / "extra.safetensors").write_text("x")
+    with pytest.raises(CorruptArtifactError, match="model/extra.safetensors is not listed"):
+        art.file("model")
+
+
+def test_garbage_in_a_partial_folder_names_the_file_and_the_way_out(tmp_path):
+    from polyalign.stages.core.errors import CorruptPartialError
+
+    store = Store(tmp_path, config="configs/x.yaml")
+    w = store.writer("s", "b" * 64)
+    w.path("shards/fr/00000.json").write_bytes(b"\xff\xfe garbage \x00")
+    with pytest.raises(CorruptPartialError) as exc:
+        w.read_json("shards/fr/00000.json")
+    msg = str(exc.value)
+    assert "shards/fr/00000.json" in msg and "polyalign clean s configs/x.yaml" in msg and "\n" not in msg
+    w.path("data/00000.jsonl").write_text("{not json\n")
+    with pytest.raises(CorruptPartialError, match="data/00000.jsonl"):
+        w.records("data/*.jsonl")
+    # a partial "folder" that is a file
+    store.partial_dir("s", "c" * 64).write_text("junk")
+    with pytest.raises(CorruptPartialError, match="is not a folder"):
+        store.writer("s", "c" * 64)
+
+
+def test_an_invalid_partial_manifest_is_not_promoted(tmp_path):
+    store = Store(tmp_path)
+    w = make(store)
+    (w.dir / MANIFEST).write_text(json.dumps({"fingerprint": w.fingerprint, "files": {"../x": {"size": 1, "sha256": "0" * 64}}}))
+    assert not store.promote_partial("s", w.fingerprint)
+    assert not (w.dir / MANIFEST).exists()
+
+
+def test_the_store_root_is_checked_up_front(tmp_path):
+    from polyalign.stages.core.errors import StoreError
+    from polyalign.stages.core.pipeline import load_pipeline
+    from tests.conftest import TINY
+
+    with pytest.raises(StoreError, match="empty path"):
+        Store("  ")
+    with pytest.raises(StoreError, match="--store: empty path"):
+        load_pipeline(TINY, store="")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(StoreError, match="is not a folder"):
+        Store(afile).check_root(writable=False)
+    with pytest.raises(StoreError, match="not writable"):
+        Store(afile / "sub").check_root(writable=True)
+    Store(tmp_path / "new").check_root(writable=True)
+    assert (tmp_path / "new").is_dir()
+
+
+def test_clean_removes_one_fingerprint_or_all(tmp_path):
+    store = Store(tmp_path)
+    a = make(store, fp="a" * 64).commit({"stage": "s"})
+    (a.path.with_name(a.path.name + ".corrupt-1")).mkdir()
+    make(store, fp="b" * 64)
+    removed = {p.name for p in store.remove("s", "a" * 64)}
+    assert removed == {"a" * 64, "a" * 64 + ".corrupt-1"}
+    assert store.partial_dir("s", "b" * 64).exists()
+    assert store.remove("s") and not any((tmp_path / "s").iterdir())
