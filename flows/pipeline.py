@@ -97,6 +97,7 @@ def polyalign_flow(
     states: dict[str, str] = {}
     try:
         pipeline = load_pipeline(config, overrides, store)
+        pipeline.store.check_root(writable=True)
         for stage in pipeline.until(until):
             if runner.cached(pipeline, stage) is None:
                 fan = runner.units(pipeline, stage)
@@ -117,9 +118,9 @@ def polyalign_flow(
                     return Failed(message=state.message)
                 state.result()  # re-raises the stage's exception and fails the flow
             states[stage] = state.name
+        _summary_artifact(pipeline, list(states), states)
     except UserError as exc:
         return Failed(message=USER_ERROR + str(exc))
-    _summary_artifact(pipeline, list(states), states)
     return states
 
 

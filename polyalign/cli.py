@@ -234,6 +234,8 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the leaderboard rows as JSON.")] = False,
 ) -> None:
     """Print the evaluation leaderboard of a pipeline from the store (runs nothing)."""
+    from polyalign.stages.core.errors import UserError
+
     pipe = _load(config, set_, store, check_models=False)
     plans = [p for p in pipe.plan() if p.type == "evaluate" and (stage_name is None or p.name == stage_name)]
     if not plans:
@@ -246,13 +248,19 @@ def report(
             _fail(f"stage {plan.name!r} has no results in {pipe.store.root} (state: {plan.state}); run `polyalign run {config}` first")
         art = pipe.store.open(plan.name, plan.fingerprint)
         if as_json:
-            rows += [{"stage_name": plan.name, **r} for r in leaderboard_rows(art.read_json("results.json"))]
+            try:
+                rows += [{"stage_name": plan.name, **r} for r in leaderboard_rows(art.read_json("results.json"))]
+            except UserError as exc:
+                _fail(str(exc))
             continue
         typer.echo(f"# {plan.name} ({plan.fingerprint[:12]}, {art.path})\n")
-        typer.echo(art.path.joinpath("results.md").read_text(encoding="utf-8"))
-        plots = sorted(art.path.joinpath("plots").glob("*.png"))
+        try:
+            typer.echo(art.read_bytes("results.md").decode("utf-8"))
+        except UserError as exc:
+            _fail(str(exc))
+        plots = art.listed("plots/*.png")
         if plots:
-            typer.echo("plots: " + ", ".join(str(p) for p in plots))
+            typer.echo("plots: " + ", ".join(str(art.path / p) for p in plots))
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
 

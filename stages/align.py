@@ -17,7 +17,7 @@ from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "1"
-OUTPUTS = ("metrics.json", "model/")  # in every artifact of this stage
+OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
 
 

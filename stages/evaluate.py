@@ -294,14 +294,26 @@ def translation_pairs(t: Translation, lang: str) -> list[tuple[str, str]]:
         for path in files.values():
             if not path.is_file():
                 raise FileNotFoundError(str(path))
-        sources = files["source"].read_text(encoding="utf-8").splitlines()
-        refs = files["reference"].read_text(encoding="utf-8").splitlines()
+        try:
+            sources = files["source"].read_text(encoding="utf-8").splitlines()
+            refs = files["reference"].read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            bad = files["source"] if not _is_utf8(files["source"]) else files["reference"]
+            raise UserError(f"{bad}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         if len(sources) != len(refs):
             raise UserError(f"{files['reference']}: {len(refs)} lines, but {files['source']} has {len(sources)}")
         pairs = list(zip(sources, refs))
     if not pairs:
         raise FileNotFoundError(f"no sentence pairs for {t.source_lang}-{lang}")
     return pairs[: t.limit] if t.limit else pairs
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 TRANSLATE_PROMPT = "Translate the following text from {src} into {tgt}. Reply with the translation only.\n\n{text}"
@@ -496,7 +508,10 @@ def collect(cfg: Config, per_lang: dict[str, dict], variants: list[str]) -> dict
 def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from polyalign.stages.core.report import markdown, plot
 
-    per_lang = {lang: out.read_json(f"results/{lang}.json") for lang in cfg.languages}
+    per_lang = {lang: out.read_json(f"results/{lang}.json", keys=("tokens",)) for lang in cfg.languages}
+    for lang, res in per_lang.items():
+        if not isinstance(res.get("benchmarks"), dict):
+            raise out.unreadable(out.dir / f"results/{lang}.json", "no 'benchmarks' object", marker=True)
     variants = list(_variants(cfg, inputs))
     results = collect(cfg, per_lang, variants)
     for name, bench in results["benchmarks"].items():
@@ -518,5 +533,5 @@ def _chance_from_predictions(out: ArtifactWriter, name: str, bench: dict) -> flo
     for lang in bench["languages"]:
         for path in sorted(out.path(f"predictions/{name}/{lang}").glob("*.jsonl"))[:1]:
             rel = path.relative_to(out.dir).as_posix()
-            sizes += [len(row["loglikelihoods"]) for row in out.records(rel)]
+            sizes += [len(row["loglikelihoods"]) for row in out.records(rel, keys=("loglikelihoods",))]
     return sum(1 / k for k in sizes) / len(sizes) if sizes else None

@@ -119,13 +119,13 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             bar.update(len(chunk))
     bar.close()
 
-    metas = {p.relative_to(out.dir / "shards").as_posix(): out.read_json(p.relative_to(out.dir).as_posix()) for p in sorted((out.dir / "shards").rglob("*.json"))}
+    metas = {p.relative_to(out.dir / "shards").as_posix(): out.read_json(p.relative_to(out.dir).as_posix(), keys=("pairs", "quarantined", "tokens")) for p in sorted((out.dir / "shards").rglob("*.json"))}
     counts = {lang: sum(m["pairs"] for k, m in metas.items() if k.startswith(lang + "/")) for lang in langs}
     ties = {lang: sum(m["quarantined"] for k, m in metas.items() if k.startswith(lang + "/")) for lang in langs}
     total_pairs = sum(counts.values())
     if total_pairs == 0:
         raise RuntimeError("preferences: every prompt was a tie; see quarantine/ in the partial artifact")
-    pairs_all = out.records("data/*/*.jsonl")
+    pairs_all = out.records("data/*/*.jsonl", keys=("score_chosen", "score_rejected"))
     margin = sum(p["score_chosen"] - p["score_rejected"] for p in pairs_all) / len(pairs_all)
     out.metrics.update(tokens=sum(m["tokens"] for m in metas.values()), records=total_pairs, pairs=counts, quarantined=ties, mean_margin=round(margin, 4))
     out.summary = f"{total_pairs} preference pairs (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + f"); {sum(ties.values())} ties quarantined; mean rating margin {margin:.3f}."

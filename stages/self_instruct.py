@@ -172,8 +172,8 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     tokens = 0
     round_no = 0
     while out.exists(f"rounds/{round_no:05d}.json"):
-        meta = out.read_json(f"rounds/{round_no:05d}.json")
-        shard = out.records(f"data/{round_no:05d}.jsonl")
+        meta = out.read_json(f"rounds/{round_no:05d}.json", keys=("kept", "quarantined", "tokens"))
+        shard = out.records(f"data/{round_no:05d}.jsonl", keys=("id", "instruction", "split"))
         kept.extend(shard)
         pool_tokens.extend(scorer._tokenizer.tokenize(r["instruction"]) for r in shard)  # noqa: SLF001
         n_quarantined += meta["quarantined"]
@@ -275,7 +275,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             "see quarantine/ in the partial artifact for the reasons"
         )
     reasons: dict[str, int] = {}
-    for row in out.records("quarantine/*.jsonl"):
+    for row in out.records("quarantine/*.jsonl", keys=("reason",)):
         key = row["reason"].split(" ")[0] if row["reason"].startswith("ROUGE") else row["reason"]
         reasons[key] = reasons.get(key, 0) + 1
     splits = {s: sum(r["split"] == s for r in kept) for s in ("train", "heldout")}

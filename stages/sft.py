@@ -15,7 +15,7 @@ from polyalign.stages.core.languages import check_languages
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "1"
-OUTPUTS = ("metrics.json", "model/")  # in every artifact of this stage
+OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"data": "instruction records in every language (translate)"}
 
 

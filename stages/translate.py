@@ -165,11 +165,11 @@ def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     reasons: dict[str, int] = {}
     tokens = 0
     for lang in cfg.languages:
-        metas = [out.read_json(p.relative_to(out.dir).as_posix()) for p in sorted((out.dir / "shards" / lang).glob("*.json"))]
+        metas = [out.read_json(p.relative_to(out.dir).as_posix(), keys=("kept", "quarantined", "tokens")) for p in sorted((out.dir / "shards" / lang).glob("*.json"))]
         counts[lang] = sum(m["kept"] for m in metas)
         quarantine[lang] = sum(m["quarantined"] for m in metas)
         tokens += sum(m["tokens"] for m in metas)
-        for row in out.records(f"quarantine/{lang}/*.jsonl"):
+        for row in out.records(f"quarantine/{lang}/*.jsonl", keys=("reason",)):
             for part in row["reason"].split("; "):
                 key = re.sub(r"[\d.]+", "N", part.split(": ", 1)[1])
                 reasons[key] = reasons.get(key, 0) + 1

@@ -173,6 +173,9 @@ class _Resident:
             self.peft.base_model.disable_adapter_layers()  # unmerged layers add nothing
             return
         self.peft.base_model.enable_adapter_layers()
+        # only the chain's adapters are active: a layer that holds another adapter and none
+        # of these must compute the base weights alone
+        self.peft.base_model.set_adapter(names)
         for lname, layer in self._lora_layers():
             if lname not in self.pristine:  # what merging will change, copied once
                 base = layer.get_base_layer()
@@ -181,7 +184,16 @@ class _Resident:
                     base.weight.detach().to("cpu", copy=True),
                     bias.detach().to("cpu", copy=True) if bias is not None else None,
                 )
-            layer.merge(adapter_names=[n for n in names if n in layer.lora_A])
+            # one adapter per merge, each onto the weights merged so far, exactly as
+            # merge_and_unload adapter after adapter: peft's multi-adapter merge would take
+            # a DoRA adapter's norm against the base weights instead
+            merged = []
+            for name in names:
+                if name in layer.lora_A:
+                    layer.merged_adapters = []
+                    layer.merge(adapter_names=[name])
+                    merged.append(name)
+            layer.merged_adapters = merged
 
     @contextlib.contextmanager
     def use(self, adapters: tuple[str, ...]) -> Iterator[Any]:
@@ -216,6 +228,13 @@ _residents: dict[tuple[str, str], _Resident] = {}
 _reward_models: dict[tuple[str, tuple[str, ...], str], Any] = {}
 _tokenizers: dict[tuple[str, int], Any] = {}
 _cache_lock = threading.Lock()
+_key_locks: dict[tuple[Any, ...], threading.Lock] = {}
+
+
+def _key_lock(key: tuple[Any, ...]) -> threading.Lock:
+    """A lock per cache entry: two threads never load the same model twice."""
+    with _cache_lock:
+        return _key_locks.setdefault(key, threading.Lock())
 
 
 def split_chain(path: str, adapters: Sequence[str]) -> tuple[str, tuple[str, ...]]:
@@ -249,10 +268,13 @@ def use_lm(path: str, adapters: Sequence[str] = (), dtype: str = "auto") -> Iter
     """
     base, chain = split_chain(path, adapters)
     key = (base, dtype)
-    with _cache_lock:
-        resident = _residents.get(key)
+    with _key_lock(("lm", *key)):  # loading one model does not hold up users of another
+        with _cache_lock:
+            resident = _residents.get(key)
         if resident is None:
-            resident = _residents[key] = _Resident(base, dtype)
+            resident = _Resident(base, dtype)
+            with _cache_lock:
+                _residents[key] = resident
     tok = thread_tokenizer(path)
     with resident.use(chain) as model:
         yield model, tok
@@ -261,10 +283,14 @@ def use_lm(path: str, adapters: Sequence[str] = (), dtype: str = "auto") -> Iter
 def cached_reward_model(path: str, adapters: Sequence[str], dtype: str = "auto") -> Any:
     """A reward model (see `load_reward_model`) loaded once per process."""
     key = (path, tuple(adapters), dtype)
-    with _cache_lock:
-        if key not in _reward_models:
-            _reward_models[key] = load_reward_model(path, adapters, dtype)
-        return _reward_models[key]
+    with _key_lock(("rm", *key)):
+        with _cache_lock:
+            model = _reward_models.get(key)
+        if model is None:
+            model = load_reward_model(path, adapters, dtype)
+            with _cache_lock:
+                _reward_models[key] = model
+        return model
 
 
 def release_models() -> None:

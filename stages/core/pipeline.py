@@ -155,11 +155,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
 class Pipeline:
     """A validated pipeline: its stages in order, their configs, models and store."""
 
-    def __init__(self, header: PipelineHeader, nodes: dict[str, StageNode], source: str, store_root: str):
+    def __init__(
+        self, header: PipelineHeader, nodes: dict[str, StageNode], source: str, store_root: str, overrides: list[str] | None = None
+    ):
         self.header = header
         self.nodes = nodes
         self.source = source
-        self.store = Store(store_root, config=source)
+        self.store = Store(store_root, config=source, overrides=overrides or [])
         self.models_root = models_dir(header.models_dir)
         self._fps: dict[str, str] | None = None
 
@@ -342,4 +344,4 @@ def load_pipeline(
     store_root = store or os.environ.get(STORE_ENV) or header.store
     if not store_root.strip():
         raise StoreError(f"{path}: store: empty path (name a folder)")
-    return Pipeline(header, nodes, str(path), store_root)
+    return Pipeline(header, nodes, str(path), store_root, list(overrides or []))

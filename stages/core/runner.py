@@ -154,7 +154,7 @@ def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
         run_module(node.module, node.config, inputs, writer, done=lambda unit: writer.exists(f"_units/{unit}.json"))
     wall = time.perf_counter() - start
     # units that ran as their own tasks (the flow) left their statistics in _units/
-    unit_stats = [writer.read_json(f"_units/{u}.json") for u in units(pipeline, stage) or [] if writer.exists(f"_units/{u}.json")]
+    unit_stats = [writer.read_json(f"_units/{u}.json", keys=("wall_seconds", "peak_rss_bytes")) for u in units(pipeline, stage) or [] if writer.exists(f"_units/{u}.json")]
     m = writer.metrics
     # wall time of the work: the finish step plus every unit (units may have run concurrently)
     m["wall_seconds"] = round(wall + sum(u.get("wall_seconds", 0) for u in unit_stats), 3)

@@ -75,7 +75,21 @@ def glob_match(rel: str, pattern: str) -> bool:
 
 
 def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    total = 0
+    for p in path.rglob("*"):
+        try:  # a run may rename its temporary files meanwhile
+            if p.is_file():
+                total += p.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def _digest_or_none(path: Path) -> str | None:
+    try:
+        return file_digest(str(path))
+    except OSError:
+        return None
 
 
 def _bad_path(rel: Any) -> str | None:
@@ -114,17 +128,17 @@ def check_manifest(manifest: Any, fp: str, required: Sequence[str] = ()) -> dict
             raise ValueError(f"manifest entry {rel!r}: missing or invalid 'size'")
         if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
             raise ValueError(f"manifest entry {rel!r}: missing or invalid 'sha256'")
-    for pattern in required:
-        if not any(glob_match(rel, pattern) or rel.startswith(pattern.rstrip("/") + "/") for rel in files):
-            raise ValueError(f"manifest lists no {pattern!r}, which this stage always writes")
-    metrics = manifest.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise ValueError("manifest 'metrics' is not an object")
+    for entry in required:  # "a|b": one of them
+        if not any(glob_match(rel, pattern) for pattern in entry.split("|") for rel in files):
+            raise ValueError(f"manifest lists no {entry!r}, which this stage always writes")
+    for key, typ in (("metrics", dict), ("summary", str), ("inputs", dict), ("models", dict)):
+        if key in manifest and not isinstance(manifest[key], typ):
+            raise ValueError(f"manifest {key!r} is not a{'n object' if typ is dict else ' string'}")
     return files
 
 
-# verified files: absolute path -> (size, mtime_ns, inode, sha256); see Artifact.file
-_verified: dict[str, tuple[int, int, int, str]] = {}
+# verified files: absolute path -> (size, mtime_ns, ctime_ns, inode, sha256); see Artifact.file
+_verified: dict[str, tuple[int, int, int, int, str]] = {}
 _verified_lock = threading.Lock()
 
 
@@ -210,15 +224,20 @@ class Artifact:
         except OSError:
             raise self._corrupt(f"{rel} is missing") from None
         key = str(p.resolve())
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)  # ctime: `touch -r` cannot restore it
         with _verified_lock:
             seen = _verified.get(key)
-        if seen is not None and seen[:3] == stamp and seen[3] == meta["sha256"]:
+        if seen is not None and seen[:4] == stamp and seen[4] == meta["sha256"]:
             return
-        if st.st_size != meta["size"] or file_digest(str(p)) != meta["sha256"]:
-            raise self._corrupt(f"{rel} does not match its sha256")
+        if st.st_size != meta["size"] or _digest_or_none(p) != meta["sha256"]:
+            raise self._corrupt(f"{rel} does not match its sha256 (or cannot be read)")
         with _verified_lock:
             _verified[key] = (*stamp, meta["sha256"])
+
+
+def _reason(exc: BaseException) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).splitlines() or [""])[0][:120]
+    return f"{type(exc).__name__}: {reason}"
 
 
 class ArtifactWriter:
@@ -258,28 +277,43 @@ class ArtifactWriter:
     def write_text(self, rel: str, text: str) -> None:
         atomic_write_text(self.path(rel), text)
 
-    def unreadable(self, path: Path, exc: BaseException) -> CorruptPartialError:
-        """The one-line error for a work file that does not read back."""
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+    def unreadable(self, path: Path, why: str, marker: bool) -> CorruptPartialError:
+        """The one-line error for a work file that does not read back. Deleting a marker
+        (the file that says a shard, round or unit is done) redoes that part; any other
+        file needs the stage started over."""
+        way_out = f"delete that file to redo its part, or {self.store.clean_hint(self.stage)}" if marker else self.store.clean_hint(self.stage)
         return CorruptPartialError(
-            f"{path}: work file of stage {self.stage!r} cannot be read back ({type(exc).__name__}: {reason}); "
-            f"delete that file to redo its part, or {self.store.clean_hint(self.stage)} to start the stage over"
+            f"{path}: work file of stage {self.stage!r} cannot be read back ({why}); {way_out} to start the stage over"
         )
 
-    def read_json(self, rel: str) -> Any:
+    def read_json(self, rel: str, keys: Sequence[str] = ()) -> Any:
+        """A marker written by `write_json`; with `keys`, an object with those numbers."""
         path = self.dir / rel
         try:
-            return json.loads(path.read_bytes().decode("utf-8"))
+            obj = json.loads(path.read_bytes().decode("utf-8"))
         except (OSError, ValueError) as exc:
-            raise self.unreadable(path, exc) from None
+            raise self.unreadable(path, _reason(exc), marker=True) from None
+        if keys:
+            if not isinstance(obj, dict):
+                raise self.unreadable(path, f"expected an object, found {type(obj).__name__}", marker=True)
+            for key in keys:
+                if not isinstance(obj.get(key), (int, float)) or isinstance(obj.get(key), bool):
+                    raise self.unreadable(path, f"no number {key!r}", marker=True)
+        return obj
 
-    def records(self, pattern: str) -> list[dict[str, Any]]:
+    def records(self, pattern: str, keys: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Records of the work folder's JSONL files matching `pattern`; each an object that
+        has `keys`."""
         out: list[dict[str, Any]] = []
         for shard in sorted(self.dir.glob(pattern)):
             try:
-                out.extend(parse_jsonl(shard.read_bytes()))
+                rows = parse_jsonl(shard.read_bytes())
             except (OSError, ValueError) as exc:
-                raise self.unreadable(shard, exc) from None
+                raise self.unreadable(shard, _reason(exc), marker=False) from None
+            for i, row in enumerate(rows, 1):
+                if not isinstance(row, dict) or any(k not in row for k in keys):
+                    raise self.unreadable(shard, f"record {i} is not an object with {', '.join(keys) or 'fields'}", marker=False)
+            out.extend(rows)
         return out
 
     def commit(self, manifest: dict[str, Any]) -> Artifact:
@@ -306,11 +340,12 @@ class Store:
     exact command that rebuilds a stage.
     """
 
-    def __init__(self, root: str | os.PathLike[str], config: str | None = None):
+    def __init__(self, root: str | os.PathLike[str], config: str | None = None, overrides: Sequence[str] = ()):
         if not str(root).strip():
             raise StoreError("store: empty path (give a folder with --store, $POLYALIGN_STORE or `store:`)")
         self.root = Path(root).expanduser()
         self.config = config
+        self.overrides = list(overrides)
 
     # ------------------------------------------------------------------ places and states
 
@@ -321,7 +356,13 @@ class Store:
         return self.root / stage / f"{fp}.partial"
 
     def clean_hint(self, stage: str) -> str:
-        return f"run `polyalign clean {stage} {self.config or 'CONFIG'}`"
+        """The exact command that removes this stage's artifact of this config."""
+        import shlex
+
+        args = ["polyalign", "clean", stage, self.config or "CONFIG", "--store", str(self.root)]
+        for item in self.overrides:
+            args += ["--set", item]
+        return f"run `{shlex.join(args)}`"
 
     def corrupt_error(self, stage: str, fp: str, why: str) -> CorruptArtifactError:
         return CorruptArtifactError(
@@ -380,13 +421,17 @@ class Store:
             raise self.corrupt_error(stage, fp, str(exc)) from None
         for rel, meta in files.items():
             p = final / rel
-            if not p.is_file() or p.stat().st_size != meta["size"]:
-                raise self.corrupt_error(stage, fp, f"{rel} is missing or has the wrong size")
+            try:
+                ok = p.is_file() and p.stat().st_size == meta["size"]
+            except OSError:  # a name too long for the file system, a folder we may not enter
+                ok = False
+            if not ok:
+                raise self.corrupt_error(stage, fp, f"{rel[:120]} is missing or has the wrong size")
         art = Artifact(self, stage, final, manifest)
         if deep:
             for rel in sorted(files):
-                if file_digest(str(final / rel)) != files[rel]["sha256"]:
-                    raise self.corrupt_error(stage, fp, f"{rel} does not match its sha256")
+                if _digest_or_none(final / rel) != files[rel]["sha256"]:
+                    raise self.corrupt_error(stage, fp, f"{rel} does not match its sha256 (or cannot be read)")
             for p in sorted(final.rglob("*")):
                 rel = p.relative_to(final).as_posix()
                 if p.is_file() and rel != MANIFEST and not p.name.startswith(".") and rel not in files:

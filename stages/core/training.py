@@ -126,7 +126,15 @@ def train_resumable(trainer: Any, output_dir: Path, save: Any) -> dict[str, Any]
     done = output_dir.parent / DONE
     if done.exists():
         print(f"[train] already trained; reusing {done.parent / 'model'}")
-        return json.loads(done.read_text())
+        try:
+            return json.loads(done.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            from polyalign.stages.core.errors import CorruptPartialError
+
+            raise CorruptPartialError(
+                f"{done}: the marker of a finished training cannot be read back ({type(exc).__name__}); "
+                "delete it and the model/ folder beside it to train again"
+            ) from None
     ckpt = last_checkpoint(output_dir)
     resumed_step = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     if ckpt:

@@ -14,23 +14,30 @@ from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
 from polyalign.stages.core.prepare import ensure_model
 
 
-@pytest.fixture(scope="module")
-def base_and_adapters(tmp_path_factory):
-    """A tiny model and two LoRA adapters with non-zero weights (like SFT, then DPO on top)."""
+def _adapters(path: str, root, dora: tuple[bool, bool]) -> list[str]:
+    """Two adapters with non-zero weights, the second made on the first merged (SFT, then DPO)."""
     from peft import LoraConfig, get_peft_model
 
-    path = ensure_model(ModelSpec(tiny=TinySpec(seed=11)), models_dir())
-    root = tmp_path_factory.mktemp("adapters")
-    folders = []
+    folders: list[str] = []
     for k, (r, targets) in enumerate([(4, "all-linear"), (2, ["q_proj", "v_proj", "down_proj"])]):
         torch.manual_seed(100 + k)
-        model = load_causal_lm(path)
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+        model = load_causal_lm(path, folders)  # on top of the adapters made so far, merged
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, use_dora=dora[k], task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, cfg)
+        if dora[k]:  # a trained DoRA magnitude differs from the weight norm it starts at
+            for name, param in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.data.mul_(1.0 + 0.1 * torch.rand_like(param))
         folder = root / f"adapter{k}"
         peft_model.save_pretrained(str(folder))
         folders.append(str(folder))
-    return path, folders
+    return folders
+
+
+@pytest.fixture(scope="module", params=[(False, False), (True, True), (False, True)], ids=["lora", "dora", "lora+dora"])
+def base_and_adapters(request, tmp_path_factory):
+    path = ensure_model(ModelSpec(tiny=TinySpec(seed=11)), models_dir())
+    return path, _adapters(path, tmp_path_factory.mktemp("adapters"), request.param)
 
 
 def _logits(model, tok) -> torch.Tensor:
@@ -43,11 +50,12 @@ def test_every_variant_equals_a_merged_copy_in_any_order(base_and_adapters):
     loading.release_models()
     path, (sft, dpo) = base_and_adapters
     tok = thread_tokenizer(path)
-    chains = {"base": [], "sft": [sft], "aligned": [sft, dpo]}
+    # "second": the second adapter alone, on a layer set where the first one is loaded too
+    chains = {"base": [], "sft": [sft], "aligned": [sft, dpo], "second": [dpo]}
     reference = {name: _logits(load_causal_lm(path, chain), tok) for name, chain in chains.items()}
     assert not torch.equal(reference["base"], reference["sft"])
     assert not torch.equal(reference["sft"], reference["aligned"])
-    for name in ["sft", "aligned", "base", "sft", "aligned", "sft", "base", "aligned", "base"]:
+    for name in ["sft", "aligned", "base", "second", "sft", "aligned", "second", "base", "aligned", "base"]:
         with use_lm(path, chains[name]) as (model, tok):
             assert torch.equal(_logits(model, tok), reference[name]), name
     assert len(loading._residents) == 1  # one base model for the three variants

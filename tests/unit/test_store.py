@@ -256,3 +256,45 @@ def test_clean_removes_one_fingerprint_or_all(tmp_path):
     assert removed == {"a" * 64, "a" * 64 + ".corrupt-1"}
     assert store.partial_dir("s", "b" * 64).exists()
     assert store.remove("s") and not any((tmp_path / "s").iterdir())
+
+
+def test_odd_manifests_are_corrupt_not_tracebacks(tmp_path):
+    store = Store(tmp_path)
+    art = make(store).commit({"stage": "s", "summary": "ok"})
+    m = _manifest(art)
+    m["files"]["x" * 5000] = {"size": 1, "sha256": "0" * 64}  # longer than any file name
+    _write_manifest(art, m)
+    assert store.state("s", art.fingerprint) == "corrupt"
+    m["files"].pop("x" * 5000)
+    m["summary"] = 5
+    _write_manifest(art, m)
+    with pytest.raises(CorruptArtifactError, match="'summary' is not a string"):
+        store.open("s", art.fingerprint)
+
+
+def test_alternatives_in_declared_outputs(tmp_path):
+    store = Store(tmp_path)
+    w = store.writer("s", "d" * 64)
+    w.write_text("model/README.md", "no weights")
+    art = w.commit({"stage": "s"})
+    need = ("model/adapter_config.json|model/config.json",)
+    assert store.state("s", art.fingerprint, required=need) == "corrupt"
+    w = store.writer("s", "e" * 64)
+    w.write_text("model/config.json", "{}")
+    assert store.state("s", w.commit({"stage": "s"}).fingerprint, required=need) == "cached"
+
+
+def test_markers_of_the_wrong_shape_are_named(tmp_path):
+    from polyalign.stages.core.errors import CorruptPartialError
+
+    store = Store(tmp_path, config="c.yaml")
+    w = store.writer("s", "f" * 64)
+    w.write_json("shards/fr/00000.json", [])
+    with pytest.raises(CorruptPartialError, match=r"00000.json: .*expected an object.*delete that file to redo its part"):
+        w.read_json("shards/fr/00000.json", keys=("kept",))
+    w.write_json("shards/fr/00001.json", {"kept": "3"})
+    with pytest.raises(CorruptPartialError, match="no number 'kept'"):
+        w.read_json("shards/fr/00001.json", keys=("kept",))
+    w.write_jsonl("quarantine/fr/00000.jsonl", [{"id": 1}])
+    with pytest.raises(CorruptPartialError, match=r"record 1 is not an object with reason\); run `polyalign clean s c.yaml --store"):
+        w.records("quarantine/fr/*.jsonl", keys=("reason",))
