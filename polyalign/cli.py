@@ -56,11 +56,11 @@ def _check_before_running(pipe, stages: list[str]) -> None:  # noqa: ANN001
 
     try:
         pipe.store.check_root(writable=True)
-        for p in pipe.plan(stages):
-            if p.state == "corrupt":
-                pipe.store.open(p.name, p.fingerprint, required=pipe.nodes[p.name].module.OUTPUTS)
+        problems = [p.problem for p in pipe.plan(stages) if p.problem]
     except UserError as exc:
         _fail(str(exc))
+    if problems:
+        _fail(problems[0])
 
 
 @app.command()
@@ -87,25 +87,12 @@ def status(
     verify: Annotated[bool, typer.Option("--verify", help="Hash every file of every artifact (slow for large models).")] = False,
 ) -> None:
     """Per stage: cached / partial / corrupt / missing, fingerprint and size. Starts nothing."""
-    from polyalign.stages.core.errors import CorruptArtifactError, UserError
+    from polyalign.stages.core.errors import UserError
 
     pipe = _load(config, set_, store)
-    problems: dict[str, str] = {}
     try:
         pipe.store.check_root(writable=False)
-        plan = pipe.plan()
-        for p in plan:
-            if p.state == "cached" and verify:
-                try:
-                    pipe.store.open(p.name, p.fingerprint, deep=True, required=pipe.nodes[p.name].module.OUTPUTS)
-                except CorruptArtifactError as exc:
-                    p.state = "corrupt"
-                    problems[p.name] = str(exc)
-            elif p.state == "corrupt":
-                try:
-                    pipe.store.open(p.name, p.fingerprint, required=pipe.nodes[p.name].module.OUTPUTS)
-                except CorruptArtifactError as exc:
-                    problems[p.name] = str(exc)
+        plan = pipe.plan(deep=verify)
     except UserError as exc:
         _fail(str(exc))
     will_run = set()
@@ -117,7 +104,7 @@ def status(
             "pipeline": pipe.name,
             "store": str(pipe.store.root),
             "verified": verify,
-            "stages": [{"name": p.name, "type": p.type, "state": p.state, "fingerprint": p.fingerprint, "size_bytes": p.size, "inputs": p.inputs, "will_run": p.name in will_run, **({"problem": problems[p.name]} if p.name in problems else {})} for p in plan],
+            "stages": [{"name": p.name, "type": p.type, "state": p.state, "fingerprint": p.fingerprint, "size_bytes": p.size, "inputs": p.inputs, "will_run": p.name in will_run, **({"problem": p.problem} if p.problem else {})} for p in plan],
         }, indent=2))
         return
     from rich.console import Console
@@ -131,8 +118,9 @@ def status(
         nxt = "stops: corrupt" if p.state == "corrupt" else "runs" if p.name in will_run else "reused"
         table.add_row(p.name, f"[{colors[p.state]}]{p.state}[/]", p.fingerprint[:16], _human(p.size) if p.size else "-", nxt)
     Console().print(table)
-    for message in problems.values():  # one line each, plain text
-        typer.echo(f"corrupt: {message}", err=True)
+    for p in plan:  # one line each, plain text
+        if p.problem:
+            typer.echo(f"corrupt: {p.problem}", err=True)
 
 
 @app.command()

@@ -294,26 +294,19 @@ def translation_pairs(t: Translation, lang: str) -> list[tuple[str, str]]:
         for path in files.values():
             if not path.is_file():
                 raise FileNotFoundError(str(path))
-        try:
-            sources = files["source"].read_text(encoding="utf-8").splitlines()
-            refs = files["reference"].read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as exc:
-            bad = files["source"] if not _is_utf8(files["source"]) else files["reference"]
-            raise UserError(f"{bad}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        lines: dict[str, list[str]] = {}
+        for kind in ("source", "reference"):
+            try:
+                lines[kind] = files[kind].read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{files[kind]}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        sources, refs = lines["source"], lines["reference"]
         if len(sources) != len(refs):
             raise UserError(f"{files['reference']}: {len(refs)} lines, but {files['source']} has {len(sources)}")
         pairs = list(zip(sources, refs))
     if not pairs:
         raise FileNotFoundError(f"no sentence pairs for {t.source_lang}-{lang}")
     return pairs[: t.limit] if t.limit else pairs
-
-
-def _is_utf8(path: Path) -> bool:
-    try:
-        path.read_bytes().decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 TRANSLATE_PROMPT = "Translate the following text from {src} into {tgt}. Reply with the translation only.\n\n{text}"

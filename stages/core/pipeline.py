@@ -72,6 +72,7 @@ class StagePlan:
     state: str
     size: int
     inputs: dict[str, str]
+    problem: str | None = None  # why the artifact is corrupt
 
 
 def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:
@@ -205,20 +206,23 @@ class Pipeline:
             self._fps = fps
         return self._fps
 
-    def plan(self, stages: list[str] | None = None) -> list[StagePlan]:
+    def plan(self, stages: list[str] | None = None, deep: bool = False) -> list[StagePlan]:
+        """Each stage's state in the store; `deep` hashes every file of complete artifacts."""
         fps = self.fingerprints()
         out = []
         for name in stages or self.order:
             node = self.nodes[name]
             fp = fps[name]
+            state, problem = self.store.diagnose(name, fp, required=node.module.OUTPUTS, deep=deep)
             out.append(
                 StagePlan(
                     name=name,
                     type=node.type,
                     fingerprint=fp,
-                    state=self.store.state(name, fp, required=node.module.OUTPUTS),
+                    state=state,
                     size=self.store.size(name, fp),
                     inputs=dict(node.inputs),
+                    problem=problem,
                 )
             )
         return out

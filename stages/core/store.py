@@ -384,17 +384,21 @@ class Store:
         except OSError as exc:
             raise StoreError(f"store {self.root}: not writable ({exc.strerror or exc})") from None
 
-    def state(self, stage: str, fp: str, required: Sequence[str] = ()) -> str:
-        """'cached', 'partial', 'corrupt' or 'missing' (cheap: checks sizes, not digests)."""
+    def diagnose(self, stage: str, fp: str, required: Sequence[str] = (), deep: bool = False) -> tuple[str, str | None]:
+        """(state, why it is corrupt or None): 'cached', 'partial', 'corrupt' or 'missing'.
+        Cheap (sizes, not digests) unless `deep`."""
         if self.final_dir(stage, fp).exists():
             try:
-                self.open(stage, fp, required=required)
-                return "cached"
-            except CorruptArtifactError:
-                return "corrupt"
+                self.open(stage, fp, deep=deep, required=required)
+                return "cached", None
+            except CorruptArtifactError as exc:
+                return "corrupt", str(exc)
         if self.partial_dir(stage, fp).exists():
-            return "partial"  # (one with a valid manifest is promoted by the next run)
-        return "missing"
+            return "partial", None  # (one with a valid manifest is promoted by the next run)
+        return "missing", None
+
+    def state(self, stage: str, fp: str, required: Sequence[str] = ()) -> str:
+        return self.diagnose(stage, fp, required)[0]
 
     def size(self, stage: str, fp: str) -> int:
         for d in (self.final_dir(stage, fp), self.partial_dir(stage, fp)):
