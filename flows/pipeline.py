@@ -98,6 +98,7 @@ def polyalign_flow(
     try:
         pipeline = load_pipeline(config, overrides, store)
         pipeline.store.check_root(writable=True)
+        pipeline.check_servers([p.name for p in pipeline.plan(pipeline.until(until)) if p.state != "cached"])
         for stage in pipeline.until(until):
             if runner.cached(pipeline, stage) is None:
                 fan = runner.units(pipeline, stage)

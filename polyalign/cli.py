@@ -51,12 +51,16 @@ def _human(n: int) -> str:
 
 
 def _check_before_running(pipe, stages: list[str]) -> None:  # noqa: ANN001
-    """A writable store and no corrupt artifact among `stages` (one line each, exit 2)."""
+    """A writable store, no corrupt artifact among `stages`, and every API model those that
+    will run use reachable and served (one line each, exit 2)."""
     from polyalign.stages.core.errors import UserError
 
     try:
         pipe.store.check_root(writable=True)
-        problems = [p.problem for p in pipe.plan(stages) if p.problem]
+        plan = pipe.plan(stages)
+        problems = [p.problem for p in plan if p.problem]
+        if not problems:
+            pipe.check_servers([p.name for p in plan if p.state != "cached"])
     except UserError as exc:
         _fail(str(exc))
     if problems:
@@ -69,13 +73,12 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     pipe = _load(config, set_, None)
     pipe.fingerprints()
     typer.echo(f"{config}: valid pipeline {pipe.name!r} with stages {', '.join(pipe.order)}")
+    from polyalign.stages.core.model_specs import unpinned_warning
+
     for name, spec in pipe.header.models.items():
-        if spec.hub is not None and spec.revision is None:
-            typer.echo(
-                f"warning: models.{name}: hub model {spec.hub!r} has no revision; the cache key "
-                "follows the branch name, so pin a commit for reproducible runs",
-                err=True,
-            )
+        warning = unpinned_warning(name, spec)
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command()
@@ -274,6 +277,9 @@ def models_prepare(
         for model_name, spec in specs.items():
             if spec.hub is not None:
                 typer.echo(f"{model_name}: hub model {spec.hub} (downloaded by transformers on first use)")
+                continue
+            if spec.openai is not None:
+                typer.echo(f"{model_name}: API model {spec.openai.model} at {spec.openai.base_url} (nothing to prepare)")
                 continue
             typer.echo(f"{model_name}: {ensure_model(spec, root)}")
     except UserError as exc:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # torch stays out of config validation
     from polyalign.stages.core.benchmarks import Settings
     from polyalign.stages.core.scoring import ChoiceScorer
 
-VERSION = "4"
+VERSION = "5"
 OUTPUTS = ("metrics.json", "results.json", "results.md", "results/*.json")  # in every artifact of this stage
 INPUTS: dict[str, str] = {}
 OPTIONAL_INPUTS = {
@@ -120,7 +120,18 @@ class Responses(_Strict):
     """Responses to held-out prompts, scored by a reward model and compared by a judge."""
 
     prompts: str = Field("builtin", description="'builtin' or a JSONL file with id, lang, prompt.")
-    judge: str | None = model_field("Judge model (name in `models:`) for win rates against base.", default=None)
+    judge: str | None = model_field(
+        "Judge model (name in `models:`) for win rates against base: a local judge rates each "
+        "response (expected 1-5); an API judge ranks each response against base's, in a shuffled order.",
+        default=None,
+        remote_ok=True,
+    )
+    judge_method: Literal["auto", "rating", "ranking"] = Field(
+        "auto",
+        description="rating: each response's expected 1-5 rating from digit log-likelihoods (a local "
+        "judge, or a server echoing log-probabilities); ranking: each response ranked against "
+        "base's; auto: rating for a local judge, ranking for an API judge.",
+    )
     limit: int | None = Field(None, gt=0, description="At most this many prompts per language.")
     max_new_tokens: int = Field(128, gt=0, description="Token budget of one response.")
 
@@ -368,19 +379,29 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
             result["tokens"] += scorer.tokens
         result["benchmarks"][name] = entry
 
+    journal = out.journal(f"evaluate/{lang}")  # generations survive a crash inside the unit
     if cfg.translation is not None:
-        result["translation"] = _translate_unit(cfg, out, lang, variants, path, dtype, result)
+        result["translation"] = _translate_unit(cfg, inputs, out, lang, variants, journal, result)
     if cfg.responses is not None:
-        result["responses"] = _responses_unit(cfg, inputs, out, lang, variants, path, dtype, result)
+        result["responses"] = _responses_unit(cfg, inputs, out, lang, variants, journal, result)
     out.write_json(f"results/{lang}.json", result)
+    journal.remove()
+
+
+def _generate(cfg: Config, inputs: Inputs, adapters: list[str], requests: list[Any], journal: Any, result: dict[str, Any]) -> dict[str, Any]:
+    from polyalign.stages.core.backends import run as generate
+
+    with inputs.backend(cfg.model, adapters, batch_size=cfg.batch_size, progress=False) as lm:
+        replies = generate(lm, requests, journal)
+    result["tokens"] += sum(r.prompt_tokens + r.completion_tokens for r in replies.values())
+    return replies
 
 
 def _translate_unit(
-    cfg: Config, out: ArtifactWriter, lang: str, variants: dict[str, list[str]], path: str, dtype: str, result: dict[str, Any]
+    cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str, variants: dict[str, list[str]], journal: Any, result: dict[str, Any]
 ) -> dict[str, Any]:
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.backends import Request
     from polyalign.stages.core.languages import LANGUAGE_NAMES
-    from polyalign.stages.core.loading import use_lm
 
     t = cfg.translation
     assert t is not None
@@ -392,19 +413,22 @@ def _translate_unit(
         return {"missing": f"no translation test set for {t.source_lang}-{lang}: {exc}"}
     scores = {}
     for variant, adapters in variants.items():
-        with use_lm(path, adapters, dtype) as (model, tok):
-            lm = LocalLM(model, tok, cfg.batch_size, progress=False)
-            prompts = [
-                lm.chat_prompt(TRANSLATE_PROMPT.format(src=LANGUAGE_NAMES[t.source_lang], tgt=LANGUAGE_NAMES[lang], text=src))
-                for src, _ in pairs
-            ]
-            hyps = [h[0] for h in lm.generate(prompts, SamplingParams(max_new_tokens=t.max_new_tokens), stop=["\n\n"])]
+        requests = [
+            Request.chat(
+                f"translation/{variant}/{i}",
+                TRANSLATE_PROMPT.format(src=LANGUAGE_NAMES[t.source_lang], tgt=LANGUAGE_NAMES[lang], text=src),
+                max_new_tokens=t.max_new_tokens,
+                stop=("\n\n",),
+            )
+            for i, (src, _) in enumerate(pairs)
+        ]
+        replies = _generate(cfg, inputs, adapters, requests, journal, result)
+        hyps = [replies[r.key].text for r in requests]
         out.write_jsonl(
             f"translations/{lang}/{variant}.jsonl",
             [{"source": s, "reference": r, "hypothesis": h} for (s, r), h in zip(pairs, hyps)],
         )
         scores[variant] = bleu_chrf(hyps, [r for _, r in pairs], lang)
-        result["tokens"] += lm.tokens
     return {"models": scores}
 
 
@@ -414,14 +438,11 @@ def _responses_unit(
     out: ArtifactWriter,
     lang: str,
     variants: dict[str, list[str]],
-    path: str,
-    dtype: str,
+    journal: Any,
     result: dict[str, Any],
 ) -> dict[str, Any]:
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
-    from polyalign.stages.core.judge import rate
-    from polyalign.stages.core.languages import LANGUAGE_NAMES
-    from polyalign.stages.core.loading import cached_reward_model, thread_tokenizer, use_lm
+    from polyalign.stages.core.backends import Request
+    from polyalign.stages.core.loading import cached_reward_model, thread_tokenizer
     from polyalign.stages.core.reward import conversation, score
 
     r = cfg.responses
@@ -432,37 +453,76 @@ def _responses_unit(
         return {"missing": str(exc)}
     answers: dict[str, list[str]] = {}
     for variant, adapters in variants.items():
-        with use_lm(path, adapters, dtype) as (model, tok):
-            lm = LocalLM(model, tok, cfg.batch_size, progress=False)
-            texts = [lm.chat_prompt(p["prompt"]) for p in prompts]
-            answers[variant] = [a[0] for a in lm.generate(texts, SamplingParams(max_new_tokens=r.max_new_tokens))]
-        result["tokens"] += lm.tokens
+        requests = [Request.chat(f"responses/{variant}/{p['id']}", p["prompt"], max_new_tokens=r.max_new_tokens) for p in prompts]
+        replies = _generate(cfg, inputs, adapters, requests, journal, result)
+        answers[variant] = [replies[q.key].text for q in requests]
     metrics: dict[str, dict[str, Any]] = {v: {"n": len(prompts)} for v in answers}
     rm_art = inputs.get("reward_model")
     if rm_art is not None:
+        path, dtype = inputs.model(cfg.model), inputs.model_dtype(cfg.model)
         rm = cached_reward_model(path, [str(inputs["sft"].file("model")), str(rm_art.file("model"))], dtype)
         tok = thread_tokenizer(path)
         for variant, texts in answers.items():
             rewards = score(rm, tok, [conversation(p["prompt"], a) for p, a in zip(prompts, texts)], cfg.batch_size)
             metrics[variant]["reward_mean"] = sum(rewards) / len(rewards)
     if r.judge is not None and "base" in answers:
-        ratings = {}
-        with use_lm(inputs.model(r.judge), dtype=inputs.model_dtype(r.judge)) as (jm, jt):
-            judge = LocalLM(jm, jt, cfg.batch_size, progress=False)
-            for variant, texts in answers.items():
-                ratings[variant] = rate(judge, LANGUAGE_NAMES[lang], [(p["prompt"], a) for p, a in zip(prompts, texts)])
-                metrics[variant]["judge_rating"] = sum(ratings[variant]) / len(prompts)
-        for variant in answers:
-            if variant == "base":
-                continue
-            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ratings[variant], ratings["base"])]
-            metrics[variant]["win_rate_vs_base"] = sum(wins) / len(wins)
-        result["tokens"] += judge.tokens
+        with inputs.backend(r.judge, batch_size=cfg.batch_size, progress=False) as judge:
+            method = r.judge_method if r.judge_method != "auto" else ("ranking" if inputs.spec(r.judge).remote else "rating")
+            if method == "rating":
+                _rate_against_base(judge, lang, prompts, answers, metrics)
+            else:
+                _rank_against_base(cfg, judge, lang, prompts, answers, metrics, journal, result)
     out.write_jsonl(
         f"responses/{lang}.jsonl",
         [{"id": p["id"], "prompt": p["prompt"], **{v: answers[v][k] for v in answers}} for k, p in enumerate(prompts)],
     )
     return {"models": metrics}
+
+
+def _rate_against_base(judge: Any, lang: str, prompts: list[dict], answers: dict[str, list[str]], metrics: dict[str, dict[str, Any]]) -> None:
+    from polyalign.stages.core.judge import rate
+    from polyalign.stages.core.languages import LANGUAGE_NAMES
+
+    ratings = {}
+    for variant, texts in answers.items():
+        ratings[variant] = rate(judge, LANGUAGE_NAMES[lang], [(p["prompt"], a) for p, a in zip(prompts, texts)])
+        metrics[variant]["judge_rating"] = sum(ratings[variant]) / len(prompts)
+    for variant in answers:
+        if variant != "base":
+            wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ratings[variant], ratings["base"])]
+            metrics[variant]["win_rate_vs_base"] = sum(wins) / len(wins)
+
+
+def _rank_against_base(
+    cfg: Config, judge: Any, lang: str, prompts: list[dict], answers: dict[str, list[str]], metrics: dict[str, dict[str, Any]], journal: Any, result: dict[str, Any]
+) -> None:
+    """Win rate from pairwise rankings (variant vs base, the order shuffled per prompt)."""
+    import random
+
+    from polyalign.stages.core.backends import Request, run as generate
+    from polyalign.stages.core.judge import parse_ranking, rank_prompt
+    from polyalign.stages.core.languages import LANGUAGE_NAMES
+
+    for variant in answers:
+        if variant == "base":
+            continue
+        flips = [random.Random(f"{variant}:{p['id']}").random() < 0.5 for p in prompts]
+        requests = []
+        for p, mine, base, flip in zip(prompts, answers[variant], answers["base"], flips):
+            shown = [base, mine] if flip else [mine, base]
+            requests.append(Request.chat(f"judge/{variant}/{p['id']}", rank_prompt(LANGUAGE_NAMES[lang], p["prompt"], shown), max_new_tokens=64))
+        replies = generate(judge, requests, journal, desc=f"judge {variant}")
+        result["tokens"] += sum(x.prompt_tokens + x.completion_tokens for x in replies.values())
+        wins, unparsed = [], 0
+        for req, flip in zip(requests, flips):
+            tiers = parse_ranking(replies[req.key].text, 2)
+            if tiers is None:
+                unparsed += 1
+                continue
+            mine_idx = 1 if flip else 0
+            wins.append(0.5 if len(tiers) == 1 else 1.0 if tiers[0] == [mine_idx] else 0.0)
+        metrics[variant]["win_rate_vs_base"] = sum(wins) / len(wins) if wins else None
+        metrics[variant]["judge_unparseable"] = unparsed
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ one shard per language and chunk, so a killed run resumes at the next chunk.
 from __future__ import annotations
 
 
+from typing import Any, Literal
+
 from pydantic import Field, field_validator
 
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
-VERSION = "1"
+VERSION = "2"
 OUTPUTS = ("metrics.json", "README.md", "data/*/*.jsonl")  # in every artifact of this stage
 INPUTS = {
     "data": "instruction records with a heldout split (translate)",
@@ -28,7 +30,22 @@ INPUTS = {
 
 class Config(StageConfig):
     model: str = model_field("Base model (name in `models:`) the SFT adapter belongs to.")
-    judge: str = model_field("Judge model (name in `models:`) that rates responses.")
+    judge: str = model_field("Judge model (name in `models:`) that rates responses.", remote_ok=True)
+    judge_method: Literal["auto", "rating", "ranking"] = Field(
+        "auto",
+        description="rating: expected 1-5 rating of each response from the digits' log-likelihoods "
+        "(local judge, or an API that returns log-probabilities); ranking: the k responses shown "
+        "together in a shuffled order, the judge answers with a ranking (Okapi); auto: rating for "
+        "a local judge, ranking for an API judge.",
+    )
+    judge_retries: int = Field(2, ge=0, description="Ranking: ask again this many times when a reply does not parse.")
+    judge_in_english: bool = Field(
+        False, description="Ranking: translate prompt and responses into English first, and rank those (as Okapi did)."
+    )
+    judge_max_new_tokens: int = Field(64, gt=0, description="Ranking: token budget of the judge's reply.")
+    translator: str | None = model_field(
+        "Model that translates for judge_in_english (default: the judge).", default=None, remote_ok=True
+    )
     languages: list[str] = Field(default_factory=list, description="Languages to build pairs for (empty: all).")
     include_english: bool = Field(False, description="Also build pairs for the English prompts.")
     prompts_per_language: int = Field(64, gt=0, description="Held-out prompts per language (at most).")
@@ -48,13 +65,9 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
-    import torch
     from tqdm.auto import tqdm
 
-    from polyalign.stages.core.cards import render_card
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
-    from polyalign.stages.core.judge import rate
-    from polyalign.stages.core.loading import use_lm
+    from polyalign.stages.core.backends import Request, request_seed, run as generate, usage_of
     from polyalign.stages.core.training import user_message
 
     rows = [r for r in inputs["data"].records("data/*/*.jsonl") if r.get("split") == "heldout"]
@@ -71,11 +84,10 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     by_lang = {lang: sorted((r for r in rows if r["lang"] == lang), key=lambda r: r["id"])[: cfg.prompts_per_language] for lang in langs}
 
     adapter = str(inputs["policy"].file("model"))
-    policy: tuple[str, list[str], str] = (inputs.model(cfg.model), [adapter], inputs.model_dtype(cfg.model))
-    judge: tuple[str, list[str], str] = (inputs.model(cfg.judge), [], inputs.model_dtype(cfg.judge))
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.num_responses)
+    method = judge_method(cfg, inputs)
     total = sum(len(v) for v in by_lang.values())
     bar = tqdm(total=total, desc="preferences", unit="prompt")
+    retries = 0
     for lang in langs:
         prompts = by_lang[lang]
         for k in range(0, len(prompts), cfg.chunk_size):
@@ -84,38 +96,59 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             if out.exists(f"shards/{chunk_id}.json"):
                 bar.update(len(chunk))
                 continue
+            journal = out.journal(f"preferences/{chunk_id}")
             texts = [user_message(r) for r in chunk]
             # one model at a time: the policy and the judge may be one base model
-            with use_lm(*policy) as (pm, pt):
-                policy_lm = LocalLM(pm, pt, cfg.batch_size, progress=False)
-                torch.manual_seed(_seed(cfg.seed, chunk_id))
-                responses = policy_lm.generate([policy_lm.chat_prompt(t) for t in texts], params)
-            with use_lm(*judge) as (jm, jt):
-                judge_lm = LocalLM(jm, jt, cfg.batch_size, progress=False)
-                ratings = rate(judge_lm, LANGUAGE_NAMES[lang], [(t, a) for t, resp in zip(texts, responses) for a in resp])
-            spans = [0]  # where each prompt's ratings start
-            for resp in responses[:-1]:
-                spans.append(spans[-1] + len(resp))
+            with inputs.backend(cfg.model, [adapter], batch_size=cfg.batch_size, progress=False) as policy:
+                requests = [
+                    Request.chat(
+                        key := f"{row['id']}/response/{j}",
+                        text,
+                        max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature,
+                        top_p=cfg.top_p,
+                        seed=request_seed(cfg.seed, key),
+                    )
+                    for row, text in zip(chunk, texts)
+                    for j in range(cfg.num_responses)
+                ]
+                sampled = generate(policy, requests, journal, desc=f"sample {chunk_id}")
+                retries += policy.usage.retries
+            responses = [[sampled[f"{row['id']}/response/{j}"].text for j in range(cfg.num_responses)] for row in chunk]
+            shown_texts, shown_responses, language = texts, responses, LANGUAGE_NAMES[lang]
+            if method == "ranking" and cfg.judge_in_english and lang != "en":
+                with inputs.backend(cfg.translator or cfg.judge, batch_size=cfg.batch_size, progress=False) as translator:
+                    shown_texts, shown_responses = _to_english(cfg, translator, lang, chunk, texts, responses, journal, generate)
+                    retries += translator.usage.retries
+                language = LANGUAGE_NAMES["en"]
+            with inputs.backend(cfg.judge, batch_size=cfg.batch_size, progress=False) as judge:
+                verdicts = _judge(cfg, method, judge, language, chunk, shown_texts, shown_responses, journal, generate)
+                retries += judge.usage.retries
             pairs, quarantined = [], []
-            for row, text, resp, start in zip(chunk, texts, responses, spans):
-                scores = ratings[start : start + len(resp)]
+            for row, text, resp, verdict in zip(chunk, texts, responses, verdicts):
+                rec = {"id": f"pref-{row['id']}", "prompt_id": row["id"], "lang": lang, "prompt": text, "responses": resp}
+                if "problem" in verdict:
+                    quarantined.append({**rec, "reason": verdict["problem"], **{k: v for k, v in verdict.items() if k != "problem"}})
+                    continue
+                scores = verdict["scores"]
                 best = max(range(len(resp)), key=lambda j: scores[j])
                 worst = min(range(len(resp)), key=lambda j: scores[j])
-                rec = {
-                    "id": f"pref-{row['id']}",
-                    "prompt_id": row["id"],
-                    "lang": lang,
-                    "prompt": text,
-                    "responses": resp,
-                    "scores": [round(s, 5) for s in scores],
-                }
+                rec["scores"] = [round(x, 5) for x in scores]
+                if "ranking" in verdict:
+                    rec["ranking"] = verdict["ranking"]
                 if scores[best] - scores[worst] < cfg.min_margin or resp[best] == resp[worst]:
-                    quarantined.append({**rec, "reason": f"tie: rating margin {scores[best] - scores[worst]:.4f} < {cfg.min_margin}"})
+                    quarantined.append({**rec, "reason": f"tie: margin {scores[best] - scores[worst]:.4f} < {cfg.min_margin}"})
                     continue
                 pairs.append({**rec, "chosen": resp[best], "rejected": resp[worst], "score_chosen": round(scores[best], 5), "score_rejected": round(scores[worst], 5)})
+            used = usage_of(list(journal_replies(journal)))
+            outcome = {kind: sum(v.get("outcome") == kind for v in verdicts) for kind in ("parsed", "unparseable", "tied")}
             out.write_jsonl(f"quarantine/{chunk_id}.jsonl", quarantined)
             out.write_jsonl(f"data/{chunk_id}.jsonl", pairs)
-            out.write_json(f"shards/{chunk_id}.json", {"pairs": len(pairs), "quarantined": len(quarantined), "tokens": policy_lm.tokens + judge_lm.tokens})
+            out.write_json(
+                f"shards/{chunk_id}.json",
+                {"pairs": len(pairs), "quarantined": len(quarantined), "tokens": used["prompt_tokens"] + used["completion_tokens"], "usage": used, "judge": outcome},
+            )
+            journal.remove()
             bar.update(len(chunk))
     bar.close()
 
@@ -127,26 +160,131 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         raise RuntimeError("preferences: every prompt was a tie; see quarantine/ in the partial artifact")
     pairs_all = out.records("data/*/*.jsonl", keys=("score_chosen", "score_rejected"))
     margin = sum(p["score_chosen"] - p["score_rejected"] for p in pairs_all) / len(pairs_all)
-    out.metrics.update(tokens=sum(m["tokens"] for m in metas.values()), records=total_pairs, pairs=counts, quarantined=ties, mean_margin=round(margin, 4))
-    out.summary = f"{total_pairs} preference pairs (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + f"); {sum(ties.values())} ties quarantined; mean rating margin {margin:.3f}."
+    judged = {lang: {kind: sum(int(m.get("judge", {}).get(kind, 0)) for k, m in metas.items() if k.startswith(lang + "/")) for kind in ("parsed", "unparseable", "tied")} for lang in langs}
+    out.metrics.update(
+        tokens=sum(m["tokens"] for m in metas.values()),
+        records=total_pairs,
+        pairs=counts,
+        quarantined=ties,
+        mean_margin=round(margin, 4),
+        judge_method=method,
+        judge=judged,
+        retries=retries,
+    )
+    out.summary = f"{total_pairs} preference pairs (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + f"); {sum(ties.values())} quarantined (ties or unparseable rankings); mean score margin {margin:.3f} ({method} judge)."
+    from polyalign.stages.core.cards import render_card
+
     out.card = render_card(
         pretty_name="polyalign AI-feedback preference pairs",
-        description=f"Chosen/rejected response pairs: {cfg.num_responses} responses sampled from the SFT model per held-out prompt, ranked by a judge model's expected 1-5 rating.",
+        description=f"Chosen/rejected response pairs: {cfg.num_responses} responses sampled from the SFT model per held-out prompt, ranked by a judge model "
+        + ("that ranks all responses together (shuffled order)." if method == "ranking" else "'s expected 1-5 rating."),
         stage="preferences",
         stage_version=VERSION,
         fingerprint=out.fingerprint,
         languages=langs,
-        counts={**{f"{k} pairs": v for k, v in counts.items()}, **{f"{k} ties quarantined": v for k, v in ties.items()}},
+        counts={
+            **{f"{k} pairs": v for k, v in counts.items()},
+            **{f"{k} quarantined": v for k, v in ties.items()},
+            **{f"{k} judge replies {kind}": n for k, d in judged.items() for kind, n in d.items() if method == "ranking"},
+        },
         total=total_pairs,
         models=out.models,
         provenance=[f"prompts: held-out split of translate artifact {inputs['data'].fingerprint[:12]}", f"policy: SFT adapter {inputs['policy'].fingerprint[:12]}", f"sampling: temperature {cfg.temperature}, top_p {cfg.top_p}, seed {cfg.seed}"],
-        filters=[f"pairs whose expected ratings differ by less than {cfg.min_margin} are quarantined as ties"],
+        filters=[
+            f"pairs whose scores differ by less than {cfg.min_margin} are quarantined as ties",
+            *(["rankings that do not name every response once are asked again "
+               f"({cfg.judge_retries} times), then the prompt is quarantined with the reply"] if method == "ranking" else []),
+            *(["prompt and responses are translated to English before ranking"] if cfg.judge_in_english else []),
+        ],
         samples=pairs_all[:2],
         machine_translated=True,
     )
 
 
-def _seed(seed: int, chunk_id: str) -> int:
-    import hashlib
+def judge_method(cfg: Config, inputs: Inputs) -> str:
+    if cfg.judge_method != "auto":
+        return cfg.judge_method
+    return "ranking" if inputs.spec(cfg.judge).remote else "rating"
 
-    return int(hashlib.sha256(f"{seed}:{chunk_id}".encode()).hexdigest()[:8], 16)
+
+def journal_replies(journal: Any) -> list[Any]:
+    from polyalign.stages.core.backends import Reply
+
+    return [Reply.from_json(row) for row in journal.load().values()]
+
+
+def _judge(cfg: Config, method: str, judge: Any, language: str, chunk: list[dict], texts: list[str], responses: list[list[str]], journal: Any, generate: Any) -> list[dict[str, Any]]:
+    """One verdict per prompt: {"scores": [...], "outcome": ...} or {"problem": why, ...}."""
+    import random
+
+    from polyalign.stages.core.backends import Request, request_seed
+    from polyalign.stages.core.judge import parse_ranking, rank_prompt, rate
+
+    if method == "rating":
+        items = [(t, a) for t, resp in zip(texts, responses) for a in resp]
+        flat: list[float | None] = list(rate(judge, language, items))
+        rated: list[dict[str, Any]] = []
+        for n, resp in enumerate(responses):
+            scores = flat[n * len(resp) : (n + 1) * len(resp)]
+            if any(x is None for x in scores):
+                rated.append({"problem": "judge gave no rating", "outcome": "unparseable"})
+            else:
+                rated.append({"scores": scores, "outcome": "parsed"})
+        return rated
+
+    orders = []
+    for row, resp in zip(chunk, responses):
+        order = list(range(len(resp)))
+        random.Random(f"{cfg.seed}:{row['id']}:order").shuffle(order)  # cancels position bias
+        orders.append(order)
+    verdicts: list[dict[str, Any]] = [{} for _ in chunk]
+    pending = list(range(len(chunk)))
+    for attempt in range(cfg.judge_retries + 1):
+        requests = [
+            Request.chat(
+                key := f"{chunk[n]['id']}/ranking/{attempt}",
+                rank_prompt(language, texts[n], [responses[n][j] for j in orders[n]]),
+                max_new_tokens=cfg.judge_max_new_tokens,
+                temperature=0.0 if attempt == 0 else 0.7,  # a retry is a fresh draw
+                seed=request_seed(cfg.seed, key),
+            )
+            for n in pending
+        ]
+        got = generate(judge, requests, journal, desc=f"rank (try {attempt + 1})")
+        still = []
+        for n, req in zip(pending, requests):
+            tiers = parse_ranking(got[req.key].text, len(orders[n]))
+            if tiers is None:
+                verdicts[n] = {"problem": f"unparseable ranking after {attempt + 1} tries", "judge_reply": got[req.key].text, "outcome": "unparseable"}
+                still.append(n)
+                continue
+            k = len(orders[n])
+            scores = [0.0] * k
+            ranking = []
+            for tier in tiers:  # a response scores the number of responses ranked below it
+                below = sum(len(t) for t in tiers[tiers.index(tier) + 1 :])
+                for shown in tier:
+                    scores[orders[n][shown]] = float(below)
+                ranking.append([orders[n][shown] for shown in tier])
+            verdicts[n] = {"scores": scores, "ranking": ranking, "outcome": "tied" if len(tiers) == 1 else "parsed"}
+        pending = still
+        if not pending:
+            break
+    return verdicts
+
+
+def _to_english(cfg: Config, translator: Any, lang: str, chunk: list[dict], texts: list[str], responses: list[list[str]], journal: Any, generate: Any) -> tuple[list[str], list[list[str]]]:
+    from polyalign.stages.core.backends import Request
+
+    def ask(key: str, text: str) -> Any:
+        instruction = f"Translate the following {LANGUAGE_NAMES[lang]} text into English. Reply with the translation only.\n\n{text}"
+        return Request.chat(key, instruction, max_new_tokens=cfg.max_new_tokens * 2)
+
+    requests = []
+    for row, text, resp in zip(chunk, texts, responses):
+        requests.append(ask(f"{row['id']}/english/prompt", text))
+        requests += [ask(f"{row['id']}/english/{j}", a) for j, a in enumerate(resp)]
+    got = generate(translator, requests, journal, desc="to English")
+    en_texts = [got[f"{row['id']}/english/prompt"].text for row in chunk]
+    en_resp = [[got[f"{row['id']}/english/{j}"].text for j in range(len(resp))] for row, resp in zip(chunk, responses)]
+    return en_texts, en_resp

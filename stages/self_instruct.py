@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, data_file_field, model_field
 
-VERSION = "3"
+VERSION = "4"
 OUTPUTS = ("metrics.json", "README.md", "data/*.jsonl")  # in every artifact of this stage
 INPUTS: dict[str, str] = {}
 
@@ -33,7 +33,7 @@ DEFAULT_BLOCKLIST = [
 
 
 class Config(StageConfig):
-    teacher: str = model_field("Model (name in `models:`) that writes instructions and instances.")
+    teacher: str = model_field("Model (name in `models:`) that writes instructions and instances.", remote_ok=True)
     seed_tasks: str = data_file_field(
         "seed_tasks.jsonl", "Seed tasks JSONL in Self-Instruct format, or 'builtin' (shipped)."
     )
@@ -60,9 +60,14 @@ class Config(StageConfig):
         0.2, ge=0, lt=1, description="Share of records marked split=heldout (preference prompts)."
     )
     seed: int = Field(0, description="Random seed of demonstration sampling and generation.")
+    keep_truncated: bool = Field(
+        False,
+        description="Keep an instruction or instance that hit its token budget (default: drop it "
+        "to quarantine, as the papers do; tiny random models never end, so their configs keep).",
+    )
     batch_size: int = Field(
-        8, gt=0, description="Prompts per generation batch. Part of the fingerprint here: with "
-        "sampling, the batch layout decides how the random stream is consumed.",
+        8, gt=0, description="Prompts per generation batch of a local model. Part of the fingerprint "
+        "here: with sampling, the batch layout decides how the random stream is consumed.",
     )
 
     @field_validator("seed_tasks")
@@ -153,12 +158,11 @@ def _instruction_reason(text: str, cfg: Config) -> str | None:
 
 
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
-    import torch
     from rouge_score import rouge_scorer
+    from tqdm.auto import tqdm
 
+    from polyalign.stages.core.backends import Request, request_seed, run as generate, usage_of
     from polyalign.stages.core.cards import render_card
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
-    from polyalign.stages.core.loading import use_lm
     from polyalign.stages.core.io import stable_unit
 
     seeds = load_seed_tasks(cfg.seed_tasks)
@@ -169,7 +173,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     # resume: replay finished rounds to rebuild the pool exactly
     kept: list[dict] = []
     n_quarantined = 0
-    tokens = 0
+    usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     round_no = 0
     while out.exists(f"rounds/{round_no:05d}.json"):
         meta = out.read_json(f"rounds/{round_no:05d}.json", keys=("kept", "quarantined", "tokens"))
@@ -177,34 +181,47 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         kept.extend(shard)
         pool_tokens.extend(scorer._tokenizer.tokenize(r["instruction"]) for r in shard)  # noqa: SLF001
         n_quarantined += meta["quarantined"]
-        tokens += meta["tokens"]
+        for k in usage:
+            usage[k] += int(meta.get("usage", {}).get(k, 0))
         round_no += 1
     if round_no:
         print(f"[self_instruct] resuming at round {round_no} with {len(kept)} instructions kept")
 
-    with use_lm(inputs.model(cfg.teacher), dtype=inputs.model_dtype(cfg.teacher)) as (model, tok):
-        lm = LocalLM(model, tok, batch_size=cfg.batch_size)
-        from tqdm.auto import tqdm
-
+    with inputs.backend(cfg.teacher, batch_size=cfg.batch_size, progress=False) as lm:
         bar = tqdm(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions), desc="self_instruct", unit="instr")
         while len(kept) < cfg.num_instructions and round_no < cfg.max_rounds:
             rng = random.Random(f"{cfg.seed}-{round_no}")
-            torch.manual_seed(rng.randrange(2**31))
             machine = [r["instruction"] for r in kept]
-            prompts = []
-            for _ in range(cfg.round_size):
+            # every reply of this round is journaled as it arrives: a killed run asks again
+            # only for what it does not have, even in the middle of a round
+            journal = out.journal(f"self_instruct/{round_no:05d}")
+            requests = []
+            for i in range(cfg.round_size):
                 demos = rng.sample(seed_texts, min(cfg.prompt_seed_tasks, len(seed_texts)))
                 extra = rng.sample(machine, min(cfg.prompt_machine_tasks, len(machine)))
-                prompts.append(_instruction_prompt(demos, extra))
-            params = SamplingParams(cfg.max_instruction_tokens, cfg.temperature, cfg.top_p)
-            candidates = [c[0] for c in lm.generate(prompts, params, stop=["\n", "Task "], desc=f"round {round_no}")]
+                key = f"{round_no:05d}/instruction/{i:03d}"
+                requests.append(
+                    Request(
+                        key=key,
+                        prompt=_instruction_prompt(demos, extra),
+                        max_new_tokens=cfg.max_instruction_tokens,
+                        temperature=cfg.temperature,
+                        top_p=cfg.top_p,
+                        stop=("\n", "Task "),
+                        seed=request_seed(cfg.seed, key),
+                    )
+                )
+            replies = generate(lm, requests, journal, desc=f"round {round_no}")
+            candidates = [replies[r.key] for r in requests]
 
             quarantine, survivors = [], []
             round_tokens = list(pool_tokens)
-            for i, text in enumerate(candidates):
-                text = re.sub(r"\s+", " ", text).strip()
+            for i, reply in enumerate(candidates):
+                text = re.sub(r"\s+", " ", reply.text).strip()
                 cid = f"si-{round_no:05d}-{i:03d}"
                 reason = _instruction_reason(text, cfg)
+                if reason is None and reply.truncated and not cfg.keep_truncated:
+                    reason = f"truncated: no end within max_instruction_tokens ({cfg.max_instruction_tokens})"
                 if reason is None:
                     cand_tokens = scorer._tokenizer.tokenize(text)  # noqa: SLF001
                     best = max((rouge_scorer._score_lcs(t, cand_tokens).fmeasure for t in round_tokens), default=0.0)  # noqa: SLF001
@@ -224,18 +241,28 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
                 quarantine.append({"id": cid, "instruction": text, "reason": "surplus: target already reached"})
             survivors = survivors[:need]
             shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
-            inst_prompts = []
-            for _, text in survivors:
+            inst_requests = []
+            for cid, text in survivors:
                 with_inst = [s for s in seeds if s["instances"]]
                 shots = shots_rng.sample(with_inst, min(cfg.instance_shots, len(with_inst)))
-                inst_prompts.append(_instance_prompt(shots, text, cfg.instance_format))
-            inst_params = SamplingParams(cfg.max_instance_tokens, 0.0)
-            outputs = lm.generate(inst_prompts, inst_params, stop=["\n\nInstruction:", "Instruction:"], desc="instances")
+                inst_requests.append(
+                    Request(
+                        key=f"{round_no:05d}/instance/{cid}",
+                        prompt=_instance_prompt(shots, text, cfg.instance_format),
+                        max_new_tokens=cfg.max_instance_tokens,
+                        stop=("\n\nInstruction:", "Instruction:"),
+                    )
+                )
+            inst_replies = generate(lm, inst_requests, journal, desc="instances")
             records = []
-            for (cid, text), gen in zip(survivors, outputs):
-                parsed = _parse_instance(gen[0], cfg.instance_format)
+            for (cid, text), req in zip(survivors, inst_requests):
+                reply = inst_replies[req.key]
+                parsed = _parse_instance(reply.text, cfg.instance_format)
+                if reply.truncated and not cfg.keep_truncated:
+                    quarantine.append({"id": cid, "instruction": text, "reason": f"instance truncated at max_instance_tokens ({cfg.max_instance_tokens})", "raw": reply.text})
+                    continue
                 if parsed is None:
-                    quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": gen[0]})
+                    quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": reply.text})
                     continue
                 task_input, output = parsed
                 if not output:
@@ -255,19 +282,22 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
                 pool_tokens.append(scorer._tokenizer.tokenize(text))  # noqa: SLF001
             out.write_jsonl(f"quarantine/{round_no:05d}.jsonl", quarantine)
             out.write_jsonl(f"data/{round_no:05d}.jsonl", records)
-            round_tokens_used = lm.tokens
-            lm.tokens_in = lm.tokens_out = 0
+            round_usage = usage_of(list(replies.values()) + list(inst_replies.values()))
+            tokens = round_usage["prompt_tokens"] + round_usage["completion_tokens"]
             # the round marker is written last: its presence means the round is complete
             out.write_json(
                 f"rounds/{round_no:05d}.json",
-                {"kept": len(records), "quarantined": len(quarantine), "tokens": round_tokens_used},
+                {"kept": len(records), "quarantined": len(quarantine), "tokens": tokens, "usage": round_usage},
             )
+            journal.remove()
             kept.extend(records)
             n_quarantined += len(quarantine)
-            tokens += round_tokens_used
+            for k in usage:
+                usage[k] += round_usage[k]
             bar.update(min(len(records), max(0, cfg.num_instructions - bar.n)))
             round_no += 1
         bar.close()
+        backend_usage = lm.usage
 
     if not kept:
         raise RuntimeError(
@@ -280,7 +310,10 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         reasons[key] = reasons.get(key, 0) + 1
     splits = {s: sum(r["split"] == s for r in kept) for s in ("train", "heldout")}
     out.metrics.update(
-        tokens=tokens,
+        tokens=usage["prompt_tokens"] + usage["completion_tokens"],
+        usage={cfg.teacher: inputs.priced(cfg.teacher, usage)},
+        retries=backend_usage.retries,
+        retry_causes=backend_usage.retry_causes,
         records=len(kept),
         quarantined=n_quarantined,
         rounds=round_no,

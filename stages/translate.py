@@ -18,14 +18,14 @@ from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
-VERSION = "3"
+VERSION = "4"
 OUTPUTS = ("metrics.json", "README.md", "data/*/*.jsonl")  # in every artifact of this stage
 INPUTS = {"data": "English instruction records (self_instruct)"}
 FIELDS = ("instruction", "input", "output")
 
 
 class Config(StageConfig):
-    model: str = model_field("Model (name in `models:`) that translates.")
+    model: str = model_field("Model (name in `models:`) that translates.", remote_ok=True)
     languages: list[str] = Field(..., min_length=1, description="Target language codes.")
     backend: Literal["llm"] = Field("llm", description="llm: few-shot prompting of a causal LM.")
     shots: int = Field(3, ge=0, le=3, description="Built-in example pairs shown per language.")
@@ -34,7 +34,12 @@ class Config(StageConfig):
     max_new_tokens: int = Field(256, gt=0, description="Token budget of one translated field.")
     min_length_ratio: float = Field(0.3, ge=0, description="Quarantine when target/source chars is below.")
     max_length_ratio: float = Field(3.0, gt=0, description="Quarantine when target/source chars is above.")
-    batch_size: int = runtime_field(8, "Prompts per generation batch.", gt=0)
+    keep_truncated: bool = Field(
+        False,
+        description="Keep a field whose translation hit max_new_tokens (default: quarantine the "
+        "record; tiny random models never end, so their configs keep).",
+    )
+    batch_size: int = runtime_field(8, "Prompts per generation batch (local models).", gt=0)
 
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
 
@@ -97,8 +102,7 @@ def _source_records(inputs: Inputs) -> list[dict]:
 def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> None:
     from tqdm.auto import tqdm
 
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
-    from polyalign.stages.core.loading import use_lm
+    from polyalign.stages.core.backends import Request, run as generate, usage_of
 
     records = _source_records(inputs)
     n_shards = (len(records) + cfg.shard_size - 1) // cfg.shard_size
@@ -107,49 +111,60 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
         print(f"[translate:{lang}] resuming: {n_shards - len(todo)}/{n_shards} shards already done")
     if not todo:
         return
-    with use_lm(inputs.model(cfg.model), dtype=inputs.model_dtype(cfg.model)) as (model, tok):
-        lm = LocalLM(model, tok, batch_size=cfg.batch_size, progress=False)
+    with inputs.backend(cfg.model, batch_size=cfg.batch_size, progress=False) as lm:
         shots = _shots(lang, cfg.shots)
-        stop = ["\nEnglish:", f"\n{LANGUAGE_NAMES[lang]}:", "\n\n"]
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
+        stop = ("\nEnglish:", f"\n{LANGUAGE_NAMES[lang]}:", "\n\n")
         bar = tqdm(total=len(records), initial=(n_shards - len(todo)) * cfg.shard_size, desc=f"translate[{lang}]", unit="rec")
         for k in todo:
             shard = records[k * cfg.shard_size : (k + 1) * cfg.shard_size]
-            jobs = [(i, f) for i, r in enumerate(shard) for f in FIELDS if r.get(f, "").strip()]
-            lm.tokens_in = lm.tokens_out = 0
-            translated: list[dict] = [dict.fromkeys(FIELDS, "") for _ in shard]
-            # a one-line source gets a one-line translation: stopping at the newline cuts the
-            # repetitions small models fall into
-            for one_line in (True, False):
-                group = [(i, f) for i, f in jobs if ("\n" not in shard[i][f].strip()) == one_line]
-                if not group:
-                    continue
-                outputs = lm.generate(
-                    [_prompt(shard[i][f], lang, shots) for i, f in group],
-                    params,
-                    stop=stop + (["\n"] if one_line else []),
+            # one request per non-empty field, keyed by record and field; a one-line source
+            # gets a one-line translation: stopping at the newline cuts the repetitions small
+            # models fall into
+            requests = [
+                Request(
+                    key=f"{lang}/{r['id']}/{f}",
+                    prompt=_prompt(r[f], lang, shots),
+                    max_new_tokens=cfg.max_new_tokens,
+                    stop=stop + (("\n",) if "\n" not in r[f].strip() else ()),
                 )
-                for (i, f), gen in zip(group, outputs):
-                    translated[i][f] = gen[0]
+                for r in shard
+                for f in FIELDS
+                if r.get(f, "").strip()
+            ]
+            journal = out.journal(f"translate/{lang}/{k:05d}")
+            replies = generate(lm, requests, journal, desc=f"translate[{lang}] shard {k}")
             kept, quarantined = [], []
-            for src, tgt in zip(shard, translated):
+            for src in shard:
+                got = {f: replies.get(f"{lang}/{src['id']}/{f}") for f in FIELDS}
                 row = {
                     "id": f"{src['id']}-{lang}",
                     "src_id": src["id"],
                     "lang": lang,
                     "split": src.get("split", "train"),
                     "source": "translate",
-                    **tgt,
+                    **{f: (g.text if g is not None else "") for f, g in got.items()},
                 }
-                reasons = [f"{f}: {p}" for f in FIELDS if src.get(f, "").strip() and (p := _problem(src[f], tgt[f], cfg))]
+                reasons = []
+                for f, g in got.items():
+                    if g is None:
+                        continue
+                    if g.truncated and not cfg.keep_truncated:
+                        reasons.append(f"{f}: truncated at max_new_tokens ({cfg.max_new_tokens})")
+                    elif p := _problem(src[f], g.text, cfg):
+                        reasons.append(f"{f}: {p}")
                 if reasons:
                     quarantined.append({**row, "reason": "; ".join(reasons)})
                 else:
                     kept.append(row)
+            used = usage_of(list(replies.values()))
             out.write_jsonl(f"quarantine/{lang}/{k:05d}.jsonl", quarantined)
             out.write_jsonl(f"data/{lang}/{k:05d}.jsonl", kept)
             # written last: the shard marker
-            out.write_json(f"shards/{lang}/{k:05d}.json", {"kept": len(kept), "quarantined": len(quarantined), "tokens": lm.tokens})
+            out.write_json(
+                f"shards/{lang}/{k:05d}.json",
+                {"kept": len(kept), "quarantined": len(quarantined), "tokens": used["prompt_tokens"] + used["completion_tokens"], "usage": used, "retries": lm.usage.retries},
+            )
+            journal.remove()
             bar.update(len(shard))
         bar.close()
 
@@ -164,11 +179,15 @@ def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     quarantine: dict[str, int] = {}
     reasons: dict[str, int] = {}
     tokens = 0
+    usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     for lang in cfg.languages:
         metas = [out.read_json(p.relative_to(out.dir).as_posix(), keys=("kept", "quarantined", "tokens")) for p in sorted((out.dir / "shards" / lang).glob("*.json"))]
         counts[lang] = sum(m["kept"] for m in metas)
         quarantine[lang] = sum(m["quarantined"] for m in metas)
         tokens += sum(m["tokens"] for m in metas)
+        for m in metas:
+            for key in usage:
+                usage[key] += int(m.get("usage", {}).get(key, 0))
         for row in out.records(f"quarantine/{lang}/*.jsonl", keys=("reason",)):
             for part in row["reason"].split("; "):
                 key = re.sub(r"[\d.]+", "N", part.split(": ", 1)[1])
@@ -176,7 +195,7 @@ def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         if counts[lang] + quarantine[lang] != len(source):
             raise RuntimeError(f"translate[{lang}]: {counts[lang]}+{quarantine[lang]} records != {len(source)} sources")
     total = sum(counts.values()) + (len(source) if cfg.keep_source else 0)
-    out.metrics.update(tokens=tokens, records=total, translated=counts, quarantined=quarantine, quarantine_reasons=reasons)
+    out.metrics.update(tokens=tokens, usage={cfg.model: inputs.priced(cfg.model, usage)}, records=total, translated=counts, quarantined=quarantine, quarantine_reasons=reasons)
     out.summary = "Translated " + ", ".join(
         f"{lang}: {counts[lang]} kept / {quarantine[lang]} quarantined" for lang in cfg.languages
     ) + f" (from {len(source)} English records)."

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 _RUNTIME = "polyalign_runtime"
 _MODEL_REF = "polyalign_model_ref"
+_REMOTE_OK = "polyalign_remote_ok"
 _DATA_FILE = "polyalign_data_file"
 
 
@@ -24,9 +25,14 @@ def runtime_field(default: Any, description: str, **kwargs: Any) -> Any:
     return Field(default, description=description, json_schema_extra={_RUNTIME: True}, **kwargs)
 
 
-def model_field(description: str, default: Any = ..., **kwargs: Any) -> Any:
-    """A field holding the name of an entry in the pipeline's `models:` table."""
-    return Field(default, description=description, json_schema_extra={_MODEL_REF: True}, **kwargs)
+def model_field(description: str, default: Any = ..., remote_ok: bool = False, **kwargs: Any) -> Any:
+    """A field holding the name of an entry in the pipeline's `models:` table.
+
+    `remote_ok`: the stage only generates text with this model, so it may be an API model
+    (`openai:`); otherwise it needs local weights (training, adapters, log-likelihoods).
+    """
+    extra: dict[str, Any] = {_MODEL_REF: True, _REMOTE_OK: remote_ok}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
 def data_file_field(builtin: str, description: str) -> Any:
@@ -47,6 +53,12 @@ class StageConfig(BaseModel):
         refs: dict[str, str] = {}
         _walk_refs(self, "", refs)
         return refs
+
+    def local_model_refs(self) -> set[str]:
+        """Dotted paths of the model references that need local weights."""
+        refs: dict[str, str] = {}
+        _walk_refs(self, "", refs, local_only=True)
+        return set(refs)
 
     def data_files(self) -> dict[str, str]:
         """Map of field name -> resolved path of every data-file field (top level only)."""
@@ -70,15 +82,16 @@ def _extra(model: BaseModel, name: str) -> dict[str, Any]:
     return extra if isinstance(extra, dict) else {}
 
 
-def _walk_refs(model: BaseModel, prefix: str, out: dict[str, str]) -> None:
+def _walk_refs(model: BaseModel, prefix: str, out: dict[str, str], local_only: bool = False) -> None:
     for name in type(model).model_fields:
         value = getattr(model, name)
         path = f"{prefix}{name}"
-        if _extra(model, name).get(_MODEL_REF):
-            if value is not None:
+        extra = _extra(model, name)
+        if extra.get(_MODEL_REF):
+            if value is not None and not (local_only and extra.get(_REMOTE_OK)):
                 out[path] = value
         elif isinstance(value, BaseModel):
-            _walk_refs(value, path + ".", out)
+            _walk_refs(value, path + ".", out, local_only)
 
 
 def _semantic(model: BaseModel) -> dict[str, Any]:

@@ -12,11 +12,15 @@ light (no torch, no Prefect): stages import it at module level for their annotat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polyalign.stages.core.store import Artifact, ArtifactWriter
+
+if TYPE_CHECKING:
+    from polyalign.stages.core.model_specs import ModelSpec
 
 __all__ = ["Artifact", "ArtifactWriter", "Inputs", "run_module", "is_fan_out"]
 
@@ -29,10 +33,12 @@ class Inputs:
         artifacts: dict[str, Artifact],
         model_path: Callable[[str], str],
         model_dtype: Callable[[str], str],
+        model_spec: "Callable[[str], ModelSpec] | None" = None,
     ):
         self.artifacts = artifacts
         self._model_path = model_path
         self._model_dtype = model_dtype
+        self._model_spec = model_spec
 
     def __getitem__(self, name: str) -> Artifact:
         return self.artifacts[name]
@@ -46,6 +52,30 @@ class Inputs:
 
     def model_dtype(self, name: str) -> str:
         return self._model_dtype(name)
+
+    def spec(self, name: str) -> "ModelSpec":
+        if self._model_spec is None:
+            raise RuntimeError("these inputs carry no model specs")
+        return self._model_spec(name)
+
+    def backend(
+        self, name: str, adapters: Sequence[str] = (), batch_size: int = 8, progress: bool = True
+    ) -> AbstractContextManager[Any]:
+        """A generation backend (see `core.backends`) for model `name`, with `adapters`."""
+        from polyalign.stages.core.backends import open_backend
+
+        spec = self.spec(name)
+        path = None if spec.remote else self.model(name)
+        return open_backend(name, spec, path, adapters, batch_size=batch_size, progress=progress)
+
+    def priced(self, name: str, usage: dict[str, int]) -> dict[str, Any]:
+        """`usage` of model `name` with its cost where the config gives a price table."""
+        api = self.spec(name).openai if self._model_spec is not None else None
+        price = api.price if api is not None else None
+        if price is None:
+            return dict(usage)
+        cost = usage.get("prompt_tokens", 0) * price.input_per_million + usage.get("completion_tokens", 0) * price.output_per_million
+        return {**usage, "cost": round(cost / 1e6, 6)}
 
 
 def is_fan_out(module: ModuleType) -> bool:

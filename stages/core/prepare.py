@@ -45,6 +45,8 @@ def ensure_model(spec: ModelSpec, root: Path) -> str:
     """Return a path or hub id that `from_pretrained` can load, building it if needed."""
     if spec.hub is not None:
         return spec.hub
+    if spec.openai is not None:
+        raise ConfigError(f"API model {spec.openai.model!r} has no local weights to load")
     target = local_dir(spec, root)
     assert target is not None
     if _is_ready(spec, target):

@@ -53,6 +53,7 @@ def stage_inputs(pipeline: Pipeline, stage: str) -> Inputs:
         artifacts,
         model_path=lambda name: ensure_model(models[name], pipeline.models_root),
         model_dtype=lambda name: models[name].dtype,
+        model_spec=lambda name: models[name],
     )
 
 

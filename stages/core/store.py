@@ -316,8 +316,14 @@ class ArtifactWriter:
             out.extend(rows)
         return out
 
+    def journal(self, name: str) -> "Journal":
+        """The request journal `name` (see `Journal`), under `journal/` of the work folder."""
+        return Journal(self, f"{JOURNAL_DIR}/{name}.jsonl")
+
     def commit(self, manifest: dict[str, Any]) -> Artifact:
-        """Write the manifest last, then promote the folder by rename."""
+        """Write the manifest last, then promote the folder by rename. Request journals are
+        work in progress, not results: they are removed first."""
+        shutil.rmtree(self.dir / JOURNAL_DIR, ignore_errors=True)
         files = {}
         for p in sorted(self.dir.rglob("*")):
             if not p.is_file() or p.name == MANIFEST or p.name.startswith("."):
@@ -331,6 +337,63 @@ class ArtifactWriter:
             final.rename(final.with_name(f"{final.name}.corrupt-{int(time.time())}"))
         os.replace(self.dir, final)
         return self.store.open(self.stage, self.fingerprint)
+
+
+JOURNAL_DIR = "journal"
+
+
+class Journal:
+    """Append-only JSONL of finished requests in a work folder, keyed by `key`.
+
+    Each `append` is one `write` of whole lines on an O_APPEND file, flushed to the OS, so a
+    killed process loses at most the lines of the write in flight; a torn last line is
+    ignored on reading (that request is asked again). A torn line anywhere else means the
+    file was damaged and is reported like any other unreadable work file.
+    """
+
+    def __init__(self, writer: "ArtifactWriter", rel: str):
+        self.writer = writer
+        self.path = writer.path(rel)
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise self.writer.unreadable(self.path, _reason(exc), marker=False) from None
+        rows: dict[str, dict[str, Any]] = {}
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError:
+                if i == len(lines):  # the write in flight when the process died
+                    break
+                raise self.writer.unreadable(self.path, f"line {i} is not JSON", marker=False) from None
+            if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+                raise self.writer.unreadable(self.path, f"line {i} has no 'key'", marker=False)
+            rows[row["key"]] = row
+        return rows
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        blob = b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows)
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class Store:

@@ -64,7 +64,8 @@ def test_kill_during_translate_then_resume(tmp_path, env):
     proc = _spawn(["run", str(TINY), "--until", "translate", "--store", store, *slow], env)
     _kill_when(proc, lambda: (partial / "shards" / "fr" / "00001.json").exists())
     assert pipe.store.state("translate", fp) == "partial"
-    done_before = _snapshot(partial)
+    # request journals are work in progress (removed when the artifact is committed)
+    done_before = {k: v for k, v in _snapshot(partial).items() if not k.startswith("journal/")}
     assert any(k.startswith("data/") for k in done_before)
 
     rerun = cli("run", str(TINY), "--until", "translate", "--store", store, *slow, env=env)

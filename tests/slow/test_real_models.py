@@ -37,24 +37,28 @@ def shared_models_dir():
 
 
 def test_smollm2_answers_a_simple_question():
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.backends import Request, run
+    from polyalign.stages.core.backends.transformers import TransformersBackend
 
     model, tok = cached_lm(_prepared("smollm2-135m-instruct"))
-    lm = LocalLM(model, tok, batch_size=2, progress=False)
-    out = lm.generate([lm.chat_prompt("What is the capital of France? Answer in one word.")], SamplingParams(16))
-    assert "paris" in out[0][0].lower()
+    lm = TransformersBackend(model, tok, batch_size=2, progress=False)
+    out = run(lm, [Request.chat("q", "What is the capital of France? Answer in one word.", max_new_tokens=16)])
+    assert "paris" in out["q"].text.lower()
 
 
 def test_gemma_few_shot_translation_into_french():
     import re
 
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.backends import Request, run
+    from polyalign.stages.core.backends.transformers import TransformersBackend
     from polyalign.stages.translate import _prompt, _shots
 
     model, tok = cached_lm(_prepared("gemma3-270m"))
-    lm = LocalLM(model, tok, batch_size=3, progress=False)
+    lm = TransformersBackend(model, tok, batch_size=3, progress=False)
     sources = ["The cat is sleeping on the chair.", "Good morning, my friend.", "Please write a short poem about the sea."]
-    outs = lm.generate([_prompt(s, "fr", _shots("fr", 3)) for s in sources], SamplingParams(32), stop=["\nEnglish:", "\nFrench:", "\n"])
+    requests = [Request(key=str(i), prompt=_prompt(s, "fr", _shots("fr", 3)), max_new_tokens=32, stop=("\nEnglish:", "\nFrench:", "\n")) for i, s in enumerate(sources)]
+    replies = run(lm, requests)
+    outs = [[replies[r.key].text] for r in requests]
     french = {"le", "la", "les", "de", "du", "des", "un", "une", "mon", "est", "sur", "bonjour"}
     hits = 0
     for src, out in zip(sources, outs):

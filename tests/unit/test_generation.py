@@ -2,7 +2,8 @@
 
 import pytest
 
-from polyalign.stages.core.generation import LocalLM, SamplingParams
+from polyalign.stages.core.backends import Request, run
+from polyalign.stages.core.backends.transformers import TransformersBackend
 from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
 from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
 from polyalign.stages.core.prepare import ensure_model
@@ -22,11 +23,17 @@ def test_tiny_tokenizer_round_trips(tiny_lm):
         assert ids and tok.decode(ids) == text
 
 
+def texts(lm, prompts, **kwargs):
+    requests = [Request(key=str(i), prompt=p, **kwargs) for i, p in enumerate(prompts)]
+    replies = run(lm, requests)
+    return [replies[r.key].text for r in requests]
+
+
 def test_loglikelihood_is_batch_invariant(tiny_lm):
     model, tok = tiny_lm
     requests = [("Question: 2+2?\nAnswer:", " 4"), ("Q: colour of the sky\nA:", " blue, mostly"), ("", "hello")]
-    one = LocalLM(model, tok, batch_size=1, progress=False).loglikelihood(requests)
-    many = LocalLM(model, tok, batch_size=8, progress=False).loglikelihood(requests)
+    one = TransformersBackend(model, tok, batch_size=1, progress=False).loglikelihood(requests)
+    many = TransformersBackend(model, tok, batch_size=8, progress=False).loglikelihood(requests)
     for (a, _), (b, _) in zip(one, many):
         assert a == pytest.approx(b, abs=1e-4)
         assert a < 0
@@ -35,20 +42,37 @@ def test_loglikelihood_is_batch_invariant(tiny_lm):
 def test_greedy_generation_is_batch_invariant_and_in_order(tiny_lm):
     model, tok = tiny_lm
     prompts = ["Translate: hello", "A much longer prompt about the weather in Paris today", "x"]
-    params = SamplingParams(max_new_tokens=8)
-    one = LocalLM(model, tok, batch_size=1, progress=False).generate(prompts, params)
-    many = LocalLM(model, tok, batch_size=3, progress=False)
-    out = many.generate(prompts, params)
+    one = texts(TransformersBackend(model, tok, batch_size=1, progress=False), prompts, max_new_tokens=8)
+    many = TransformersBackend(model, tok, batch_size=3, progress=False)
+    out = texts(many, prompts, max_new_tokens=8)
     assert out == one
-    assert many.tokens_out > 0 and many.tokens_in > 0
+    assert many.usage.completion_tokens > 0 and many.usage.prompt_tokens > 0 and many.usage.requests == 3
 
 
-def test_sampling_returns_k_sequences(tiny_lm):
+def test_sampling_is_seeded_per_batch_of_requests(tiny_lm):
     model, tok = tiny_lm
-    out = LocalLM(model, tok, batch_size=2, progress=False).generate(
-        ["a", "b c"], SamplingParams(max_new_tokens=6, temperature=1.0, num_return_sequences=3)
-    )
-    assert [len(o) for o in out] == [3, 3]
+    lm = TransformersBackend(model, tok, batch_size=2, progress=False)
+    requests = [Request(key=f"{p}/{j}", prompt=p, max_new_tokens=6, temperature=1.0, seed=j) for p in ("a", "b c") for j in range(3)]
+    first = run(lm, requests)
+    again = run(lm, requests)
+    assert {k: r.text for k, r in first.items()} == {k: r.text for k, r in again.items()}
+    assert len({r.text for r in first.values()}) > 1  # samples differ from each other
+
+
+def test_finish_reason_says_when_the_budget_ran_out(tiny_lm):
+    """A random tiny model never emits EOS: every reply is cut at max_new_tokens, unless a
+    stop string ends it; the caller is told which."""
+    model, tok = tiny_lm
+    lm = TransformersBackend(model, tok, batch_size=2, progress=False)
+    replies = run(lm, [Request(key="a", prompt="Hello there", max_new_tokens=5)])
+    assert replies["a"].finish_reason == "length" and replies["a"].completion_tokens == 5
+    long = run(lm, [Request(key="b", prompt="Hello there", max_new_tokens=40)])["b"].text
+    middle = len(long) // 2
+    stop = long[middle : middle + 3]  # text the model is known to write, as a stop string
+    assert stop.strip()
+    cut = run(lm, [Request(key="c", prompt="Hello there", max_new_tokens=40, stop=(stop,))])["c"]
+    assert cut.finish_reason == "stop" and cut.completion_tokens < 40
+    assert cut.text == long[: long.find(stop)].strip()
 
 
 def test_default_chat_template_ends_turns_with_the_models_eos(tiny_lm):
@@ -70,11 +94,11 @@ def test_reward_scoring_leaves_a_shared_tokenizer_left_padded(tiny_lm):
 
     from polyalign.stages.core.reward import score
 
-    lm = LocalLM(*tiny_lm, batch_size=2, progress=False)
+    lm = TransformersBackend(*tiny_lm, batch_size=2, progress=False)
     cfg = LlamaConfig(vocab_size=len(lm.tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_labels=1, pad_token_id=lm.tok.pad_token_id)
     rm = LlamaForSequenceClassification(cfg).eval()
-    before = lm.generate(["Name a colour.", "Hi"], SamplingParams(max_new_tokens=6))
+    before = texts(lm, ["Name a colour.", "Hi"], max_new_tokens=6)
     conv = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend"}], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
     score(rm, lm.tok, conv, batch_size=2)
     assert lm.tok.padding_side == "left"
-    assert lm.generate(["Name a colour.", "Hi"], SamplingParams(max_new_tokens=6)) == before
+    assert texts(lm, ["Name a colour.", "Hi"], max_new_tokens=6) == before

@@ -62,16 +62,20 @@ def test_every_variant_equals_a_merged_copy_in_any_order(base_and_adapters):
 
 
 def test_generation_matches_the_merged_copy(base_and_adapters):
-    from polyalign.stages.core.generation import LocalLM, SamplingParams
+    from polyalign.stages.core.backends import Request, run
+    from polyalign.stages.core.backends.transformers import TransformersBackend
+
+    def hello(model, tok):
+        return run(TransformersBackend(model, tok, progress=False), [Request(key="k", prompt="Hello", max_new_tokens=12)])["k"].text
 
     loading.release_models()
     path, (sft, dpo) = base_and_adapters
     tok = thread_tokenizer(path)
-    expected = LocalLM(load_causal_lm(path, [sft, dpo]), tok, progress=False).generate(["Hello"], SamplingParams(12))
+    expected = hello(load_causal_lm(path, [sft, dpo]), tok)
     with use_lm(path, [sft]):
         pass
     with use_lm(path, [sft, dpo]) as (model, tok):
-        assert LocalLM(model, tok, progress=False).generate(["Hello"], SamplingParams(12)) == expected
+        assert hello(model, tok) == expected
 
 
 def test_threads_wanting_different_variants_take_turns(base_and_adapters):

@@ -1,0 +1,153 @@
+"""configs/tiny-api.yaml end to end against a real local OpenAI-compatible server (the tiny
+teacher served through transformers, tests/openai_server.py): faults injected into 30% of
+requests lose and duplicate nothing, a kill -9 never makes the server answer twice what had
+arrived, a canary API key reaches the server and nothing else, and bad backend settings stop
+the run with one line before any stage starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
+from polyalign.stages.core.pipeline import load_pipeline
+from polyalign.stages.core.prepare import ensure_model
+from tests.conftest import ROOT, cli
+from tests.integration.test_resume import _kill_when
+from tests.openai_server import Faults, ModelServer
+
+pytestmark = pytest.mark.integration
+API = ROOT / "configs" / "tiny-api.yaml"
+CANARY = "sk-polyalign-canary-7f3e1d"
+
+
+@pytest.fixture(scope="module")
+def server():
+    path = ensure_model(ModelSpec(tiny=TinySpec(seed=1)), models_dir())
+    srv = ModelServer(path, "tiny-teacher", Faults(rate=0.0, slow_seconds=3.0, retry_after="1", seed=7)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def env(tmp_path):
+    e = dict(os.environ)
+    e["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    e["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    e["POLYALIGN_TEST_KEY"] = CANARY
+    return e
+
+
+def _sets(server: ModelServer, *more: str) -> list[str]:
+    out = ["--set", f"models.teacher.openai.base_url={server.base_url}", "--set", "models.teacher.openai.api_key_env=POLYALIGN_TEST_KEY"]
+    for item in more:
+        out += ["--set", item]
+    return out
+
+
+def _ids(art, pattern: str) -> list[str]:
+    return sorted(r["id"] for r in art.records(pattern))
+
+
+def test_faults_lose_nothing_and_change_nothing_and_the_key_stays_secret(server, env, tmp_path):
+    clean, faulty = str(tmp_path / "clean"), str(tmp_path / "faulty")
+    server.faults.rate = 0.0
+    first = cli("run", str(API), "--until", "preferences", "--store", clean, *_sets(server), env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    server.faults.rate = 0.3
+    start = len(server.log)
+    second = cli("run", str(API), "--until", "preferences", "--store", faulty, *_sets(server), env=env)
+    server.faults.rate = 0.0
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = server.log[start:]
+    injected = [e for e in log if e["outcome"] in ("429", "500", "503", "slow", "drop", "malformed", "empty")]
+    accepted = [e for e in log if e["outcome"] not in ("replied", "client_gone", "error")]
+    assert len(injected) / len(accepted) > 0.2  # the faults were really there
+    assert {e["outcome"] for e in injected} >= {"429", "500", "503", "drop", "malformed", "empty"}
+
+    pipes = {s: load_pipeline(API, _sets(server)[1::2], store=s, check_models=False) for s in (clean, faulty)}
+    for stage, patterns in {
+        "self_instruct": ("data/*.jsonl", "quarantine/*.jsonl"),
+        "translate": ("data/*/*.jsonl", "quarantine/*/*.jsonl"),
+        "preferences": ("data/*/*.jsonl", "quarantine/*/*.jsonl"),
+    }.items():
+        arts = {s: p.store.open(stage, p.fingerprints()[stage]) for s, p in pipes.items()}
+        for pattern in patterns:
+            ids = _ids(arts[faulty], pattern)
+            assert ids == _ids(arts[clean], pattern), (stage, pattern)
+            assert len(ids) == len(set(ids)), (stage, pattern)
+    tr = pipes[faulty].store.open("translate", pipes[faulty].fingerprints()["translate"])
+    si = pipes[faulty].store.open("self_instruct", pipes[faulty].fingerprints()["self_instruct"])
+    for lang in ("fr", "de"):  # kept + quarantined = input
+        assert tr.metrics["translated"][lang] + tr.metrics["quarantined"][lang] == si.metrics["records"]
+    usage = tr.metrics["usage"]["teacher"]
+    assert usage["requests"] > 0 and usage["completion_tokens"] > 0 and usage["cost"] > 0
+
+    # the canary key went to the server and nowhere else
+    assert any(e.get("auth") == f"Bearer {CANARY}" for e in log)
+    places = [Path(clean), Path(faulty), Path(env["PREFECT_HOME"])]
+    for root in places:
+        for f in root.rglob("*"):
+            if f.is_file():
+                assert CANARY.encode() not in f.read_bytes(), f
+    for proc in (first, second):
+        assert CANARY not in proc.stdout + proc.stderr
+
+
+def test_kill_mid_translate_never_asks_again_for_a_reply_it_has(server, env, tmp_path):
+    store = str(tmp_path / "store")
+    sets = _sets(server, "translate.shard_size=64")  # one shard per language: the kill lands inside it
+    assert cli("stage", "self_instruct", str(API), "--store", store, *sets, env=env).returncode == 0
+    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
+    journal = pipe.store.partial_dir("translate", pipe.fingerprints()["translate"]) / "journal" / "translate" / "fr" / "00000.jsonl"
+
+    def lines() -> int:
+        try:
+            return journal.read_bytes().count(b"\n")
+        except OSError:
+            return 0
+
+    server.faults.rate = 0.3
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "polyalign", "stage", "translate", str(API), "--store", store, *sets],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        _kill_when(proc, lambda: lines() >= 10)
+        import json
+
+        arrived = {json.loads(line)["key"] for line in journal.read_bytes().splitlines() if line.strip().endswith(b"}")}
+        assert len(arrived) >= 10
+        start = len(server.log)
+        rerun = cli("stage", "translate", str(API), "--store", store, *sets, env=env)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finally:
+        server.faults.rate = 0.0
+    asked_again = {e["key"] for e in server.log[start:]} & arrived
+    assert not asked_again
+    art = pipe.store.open("translate", pipe.fingerprints()["translate"])
+    assert not art.listed("journal/*")  # work files do not reach the artifact
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("models.teacher.backend=ollama", "models.teacher.backend"),
+        ("models.teacher.openai.base_url=null", "models.teacher.openai.base_url"),
+        ("models.teacher.openai.api_key_env=POLYALIGN_NO_SUCH_KEY", "models.teacher.openai.api_key_env: environment variable POLYALIGN_NO_SUCH_KEY is not set"),
+        ("models.teacher.openai.base_url=http://127.0.0.1:9/v1", "models.teacher: cannot reach http://127.0.0.1:9/v1"),
+        ("models.teacher.openai.model=no-such-model", "models.teacher.openai.model: "),
+    ],
+)
+def test_bad_backend_settings_stop_before_any_stage(server, env, tmp_path, override, expected):
+    store = tmp_path / "store"
+    proc = cli("run", str(API), "--store", str(store), *_sets(server), "--set", override, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(p.name == "manifest.json" for p in store.rglob("*")) if store.exists() else True
