@@ -9,8 +9,12 @@ generated alone from its `seed`, so the same request always gets the same reply.
 Faults (`fault_rate`, drawn from a seeded stream, one draw per request): 429 with
 Retry-After, 500, 503, a reply slower than the client's timeout, a dropped connection,
 malformed JSON, an empty `choices`. `truncate_rate` cuts replies as if the token budget
-ran out (finish_reason "length"). Every request is logged with its `X-Request-Key` header
-and what the server did with it.
+ran out (finish_reason "length"). Every request is logged with its `X-Request-Key` header,
+what the server did with it and the text it replied.
+
+`script(key, body, chat)`, when set, may answer a request in place of the model (a str) or
+leave it to the model (None): it stands for a strong hosted model's answers to prompts a tiny
+random model cannot answer (a judge's ranking), over the same protocol.
 
     python -m tests.openai_server --model DIR --name tiny-teacher --port 8000 [--fault-rate 0.3]
 """
@@ -26,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 FAULTS = ("429", "500", "503", "slow", "drop", "malformed", "empty")
@@ -62,6 +67,7 @@ class ModelServer:
         self.backend = TransformersBackend(load_causal_lm(model_dir), load_tokenizer(model_dir), name=name, batch_size=max_batch, progress=False)
         self.max_batch = max_batch
         self.log: list[dict[str, Any]] = []
+        self.script: Callable[[str, dict[str, Any], bool], str | None] | None = None
         self._log_lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
         self._jobs: queue.Queue[_Job] = queue.Queue()
@@ -241,19 +247,28 @@ def _handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {"id": "x", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": server.name, "choices": []})
                 return
             try:
-                result = server.submit(body, chat)
+                scripted = server.script(key, body, chat) if server.script else None
+                result = _scripted(scripted) if scripted is not None else server.submit(body, chat)
             except Exception as exc:  # noqa: BLE001 - an HTTP 500, as a real server would
                 server.record(key=key, outcome="error", error=f"{type(exc).__name__}: {exc}")
                 self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}"}})
                 return
+            payload = _completion(server, body, chat, result, truncate=fault == "truncate")
             try:
-                self._send(200, _completion(server, body, chat, result, truncate=fault == "truncate"))
+                self._send(200, payload)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                 server.record(key=key, outcome="client_gone")
                 return
-            server.record(key=key, outcome="replied")
+            choice = payload["choices"][0]
+            server.record(key=key, outcome="replied", text=choice["message"]["content"] if chat else choice["text"])
 
     return Handler
+
+
+def _scripted(text: str) -> Any:
+    from polyalign.stages.core.backends import Reply
+
+    return Reply(key="", text=text, finish_reason="stop", prompt_tokens=1, completion_tokens=max(1, len(text.split())))
 
 
 def _completion(server: ModelServer, body: dict[str, Any], chat: bool, result: Any, truncate: bool) -> dict[str, Any]:

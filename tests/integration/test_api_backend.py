@@ -151,3 +151,84 @@ def test_bad_backend_settings_stop_before_any_stage(server, env, tmp_path, overr
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(p.name == "manifest.json" for p in store.rglob("*")) if store.exists() else True
+
+
+def _hosted_judge(key: str, body: dict, chat: bool) -> str | None:
+    """Stands in for a hosted model, which the tiny random teacher cannot imitate:
+    - translating into English (judge_in_english), it returns the text upper-cased with a
+      tail whose length depends on the response's index, so English lengths order the
+      responses differently from the originals;
+    - ranking, it orders the shown responses by length (longest first, equal lengths tied).
+      For a quarter of the prompts it never answers with a ranking; for another quarter only
+      its first answer is unusable.
+    Everything else goes to the tiny model."""
+    import re
+    import zlib
+
+    if not chat:
+        return None
+    text = body["messages"][-1]["content"]
+    if "/english/" in key:
+        which = key.rsplit("/english/", 1)[1]
+        original = text.split("\n\n", 1)[1]
+        tail = 0 if which == "prompt" else 7 * int(which) % 5
+        return original.upper() + (" " + "!" * tail if tail else "")
+    if "/ranking/" not in key:
+        return None
+    prompt_id, attempt = key.rsplit("/ranking/", 1)
+    kind = zlib.crc32(prompt_id.encode()) % 4
+    if kind == 0 or (kind == 1 and attempt == "0"):
+        return "I cannot decide."
+    shown = re.split(r"\n\n\[([A-Z])\]\n", "\n\n" + text.split("\n\nOrder the responses")[0].split("\n\n", 2)[2])[1:]
+    blocks = dict(zip(shown[0::2], shown[1::2]))
+    lengths = sorted({len(t) for t in blocks.values()}, reverse=True)
+    return "Ranking: " + " > ".join(" = ".join(k for k, t in blocks.items() if len(t) == n) for n in lengths)
+
+
+def test_ranking_judge_through_english_maps_rankings_back_and_quarantines_what_never_parses(server, env, tmp_path):
+    """Okapi's judge over an API: responses are translated into English, shown in a seeded
+    shuffled order, and the reply's ranking is mapped back to the responses; an unparseable
+    reply is asked again, then the prompt is quarantined with the reply."""
+    import zlib
+
+    store = str(tmp_path / "store")
+    sets = _sets(server, "stages.preferences.judge_method=ranking", "stages.preferences.judge_in_english=true")
+    server.script = _hosted_judge
+    start = len(server.log)
+    try:
+        proc = cli("run", str(API), "--until", "preferences", "--store", store, *sets, env=env)
+    finally:
+        server.script = None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replied = {e["key"]: e["text"] for e in server.log[start:] if e["outcome"] == "replied"}
+    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
+    art = pipe.store.open("preferences", pipe.fingerprints()["preferences"])
+    pairs, quarantined = art.records("data/*/*.jsonl"), art.records("quarantine/*/*.jsonl")
+    assert pairs and quarantined
+
+    def by_length(texts: list[str]) -> list[list[int]]:
+        return [[j for j, t in enumerate(texts) if len(t) == n] for n in sorted({len(t) for t in texts}, reverse=True)]
+
+    differs = 0
+    for rec in pairs + [q for q in quarantined if "ranking" in q]:
+        pid = rec["prompt_id"]
+        assert zlib.crc32(pid.encode()) % 4 != 0
+        english = [replied[f"{pid}/english/{j}"].strip() for j in range(len(rec["responses"]))]
+        assert [sorted(tier) for tier in rec["ranking"]] == by_length(english), pid  # the English, mapped back
+        differs += by_length(rec["responses"]) != by_length(english)
+        if rec in pairs:
+            assert len(english[rec["responses"].index(rec["chosen"])]) > len(english[rec["responses"].index(rec["rejected"])])
+    assert differs  # English lengths ordered some responses unlike the originals
+    never = [q for q in quarantined if "ranking" not in q]
+    assert never and all(q["reason"] == "unparseable ranking after 3 tries" and q["judge_reply"] == "I cannot decide." for q in never)
+    assert {q["prompt_id"] for q in never} == {
+        k.rsplit("/ranking/", 1)[0] for k in replied if k.endswith("/ranking/0") and zlib.crc32(k.rsplit("/ranking/", 1)[0].encode()) % 4 == 0
+    }
+    retried_then_parsed = {k.rsplit("/ranking/", 1)[0] for k in replied if k.endswith("/ranking/1")} - {q["prompt_id"] for q in never}
+    assert retried_then_parsed and retried_then_parsed <= {r["prompt_id"] for r in pairs + quarantined if "ranking" in r}
+    judged = art.metrics["judge"]
+    for lang in ("fr", "de"):
+        n_lang = sum(r["lang"] == lang for r in pairs + quarantined)
+        assert sum(judged[lang].values()) == n_lang
+        assert judged[lang]["unparseable"] == sum(q["lang"] == lang for q in never)
+    assert art.metrics["judge_method"] == "ranking"

@@ -164,3 +164,35 @@ def test_vllm_missing_is_one_line(tmp_path):
         pytest.skip("vllm is installed here")
     with pytest.raises(ConfigError, match=r"models.gen.backend: vllm is not installed .* use `openai:"):
         check_available("gen", ModelSpec(tiny=TinySpec(), backend="vllm"), tmp_path)
+
+
+def test_rate_limits_hold_over_a_sliding_minute():
+    """requests_per_minute and tokens_per_minute: a request that would exceed either waits
+    until the oldest start in the window is a minute old (on a simulated clock)."""
+    import asyncio
+
+    from polyalign.stages.core.backends.openai import _Limiter
+
+    def simulate(rpm, tpm, costs):
+        now = [0.0]
+
+        async def sleep(seconds):
+            now[0] += seconds
+
+        limiter = _Limiter(rpm, tpm, clock=lambda: now[0], sleep=sleep)
+
+        async def go():
+            starts = []
+            for cost in costs:
+                await limiter.acquire(cost)
+                starts.append(now[0])
+            return starts
+
+        return asyncio.run(go())
+
+    assert simulate(3, None, [1] * 7) == [0, 0, 0, 60, 60, 60, 120]
+    # 100 tokens a minute: 60 + 30 fit, the next 30 waits for the first request's window to end
+    assert simulate(None, 100, [60, 30, 30, 50]) == [0, 0, 60, 60]
+    # a single request larger than the budget is not starved
+    assert simulate(None, 100, [500, 10]) == [0, 60]
+    assert simulate(None, None, [10**9] * 3) == [0, 0, 0]

@@ -102,3 +102,48 @@ def test_reward_scoring_leaves_a_shared_tokenizer_left_padded(tiny_lm):
     score(rm, lm.tok, conv, batch_size=2)
     assert lm.tok.padding_side == "left"
     assert texts(lm, ["Name a colour.", "Hi"], max_new_tokens=6) == before
+
+
+def test_greedy_decode_loop_matches_transformers_generate(tiny_lm):
+    """Our decode loop (own cache handling, rows leaving the batch) writes what
+    `model.generate` writes for each prompt alone."""
+    import torch
+
+    model, tok = tiny_lm
+    prompts = ["Translate: hello", "A much longer prompt about the weather in Paris today", "x y z"]
+    ours = texts(TransformersBackend(model, tok, batch_size=3, progress=False), prompts, max_new_tokens=12)
+    for prompt, text in zip(prompts, ours):
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+        assert text == tok.decode(ref[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_finished_rows_leave_the_batch(tiny_lm):
+    """A row that reaches its stop string stops costing compute: later forward passes carry
+    only the rows still running, and the other rows' text does not change."""
+    model, tok = tiny_lm
+    prompts = ["Hello there", "Another prompt that runs long", "third"]
+    lm = TransformersBackend(model, tok, batch_size=3, progress=False)
+    full = texts(lm, prompts, max_new_tokens=30)
+    stop = full[0][4:7]  # text the first row is known to write early
+    assert stop.strip() and all(stop not in t for t in full[1:]), "pick a stop string only row 0 writes"
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        requests = [Request(key=str(i), prompt=p, max_new_tokens=30, stop=(stop,)) for i, p in enumerate(prompts)]
+        replies = run(lm, requests)
+    finally:
+        handle.remove()
+    assert replies["0"].finish_reason == "stop" and replies["0"].completion_tokens < 30
+    assert [replies[str(i)].text for i in (1, 2)] == full[1:]
+    assert sizes[0] == 3 and sizes[-1] == 2 and len(sizes) == 30
+
+
+def test_nucleus_sampling_with_a_tiny_top_p_is_greedy(tiny_lm):
+    model, tok = tiny_lm
+    lm = TransformersBackend(model, tok, batch_size=2, progress=False)
+    prompts = ["Hello there", "A much longer prompt"]
+    greedy = texts(lm, prompts, max_new_tokens=10)
+    assert texts(lm, prompts, max_new_tokens=10, temperature=1.0, top_p=1e-6) == greedy
+    assert texts(lm, prompts, max_new_tokens=10, temperature=1.0, top_p=1.0) != greedy

@@ -50,8 +50,9 @@ class _Fatal(Exception):
 class _Limiter:
     """Sliding one-minute windows over request starts and (estimated) tokens."""
 
-    def __init__(self, rpm: int | None, tpm: int | None):
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Any = time.monotonic, sleep: Any = asyncio.sleep):
         self.rpm, self.tpm = rpm, tpm
+        self.clock, self.sleep = clock, sleep  # seams for tests
         self.starts: deque[float] = deque()
         self.tokens: deque[tuple[float, int]] = deque()
         self.lock = asyncio.Lock()
@@ -61,7 +62,7 @@ class _Limiter:
             return
         async with self.lock:
             while True:
-                now = time.monotonic()
+                now = self.clock()
                 while self.starts and now - self.starts[0] >= 60:
                     self.starts.popleft()
                 while self.tokens and now - self.tokens[0][0] >= 60:
@@ -76,7 +77,7 @@ class _Limiter:
                     self.starts.append(now)
                     self.tokens.append((now, tokens))
                     return
-                await asyncio.sleep(max(0.01, min(waits)))
+                await self.sleep(max(0.01, min(waits)))
 
 
 def _retry_after(headers: Any) -> float | None:
