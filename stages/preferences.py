@@ -157,7 +157,11 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     ties = {lang: sum(m["quarantined"] for k, m in metas.items() if k.startswith(lang + "/")) for lang in langs}
     total_pairs = sum(counts.values())
     if total_pairs == 0:
-        raise RuntimeError("preferences: every prompt was a tie; see quarantine/ in the partial artifact")
+        unparsed = sum(int(m.get("judge", {}).get("unparseable", 0)) for m in metas.values())
+        raise RuntimeError(
+            f"preferences: no pair left: {sum(ties.values()) - unparsed} prompts tied and {unparsed} got no usable verdict "
+            "from the judge; see quarantine/ in the partial artifact"
+        )
     pairs_all = out.records("data/*/*.jsonl", keys=("score_chosen", "score_rejected"))
     margin = sum(p["score_chosen"] - p["score_rejected"] for p in pairs_all) / len(pairs_all)
     judged = {lang: {kind: sum(int(m.get("judge", {}).get(kind, 0)) for k, m in metas.items() if k.startswith(lang + "/")) for kind in ("parsed", "unparseable", "tied")} for lang in langs}
