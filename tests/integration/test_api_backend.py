@@ -53,11 +53,16 @@ def _ids(art, pattern: str) -> list[str]:
     return sorted(r["id"] for r in art.records(pattern))
 
 
-def test_faults_lose_nothing_and_change_nothing_and_the_key_stays_secret(server, env, tmp_path):
+def test_whole_dag_over_http_and_faults_lose_nothing_and_the_key_stays_secret(server, env, tmp_path):
     clean, faulty = str(tmp_path / "clean"), str(tmp_path / "faulty")
     server.faults.rate = 0.0
-    first = cli("run", str(API), "--until", "preferences", "--store", clean, *_sets(server), env=env)
+    first = cli("run", str(API), "--store", clean, *_sets(server), env=env)  # the whole DAG
     assert first.returncode == 0, first.stderr[-3000:]
+    whole = load_pipeline(API, _sets(server)[1::2], store=clean, check_models=False)
+    ev = whole.store.open("evaluate", whole.fingerprints()["evaluate"])
+    for lang in ("fr", "de"):  # evaluate's judge (the teacher) rated through the server
+        models = ev.read_json(f"results/{lang}.json")["responses"]["models"]
+        assert all(1 <= models[v]["judge_rating"] <= 5 for v in ("base", "sft", "aligned")), models
     server.faults.rate = 0.3
     start = len(server.log)
     second = cli("run", str(API), "--until", "preferences", "--store", faulty, *_sets(server), env=env)
