@@ -256,6 +256,33 @@ def report(
         typer.echo(json.dumps(rows, indent=1))
 
 
+@app.command()
+def dedup(
+    pool: Annotated[str, typer.Argument(help="JSONL file; every line has an `instruction` field.")],
+    out: Annotated[str, typer.Option("--out", help="Where the kept lines go, unchanged and in order.")],
+    against: Annotated[Optional[str], typer.Option("--against", help="JSONL of instructions already kept (e.g. the seed tasks): compared with, never dropped.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Drop a line whose ROUGE-L F1 to a kept instruction is above this.")] = 0.7,
+    dropped: Annotated[Optional[str], typer.Option("--dropped", help="Write the dropped lines here, each with its best match and score.")] = None,
+) -> None:
+    """Drop near-duplicate instructions as Self-Instruct does (ROUGE-L against every kept one), fast."""
+    import time
+
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.novelty import dedup_files
+
+    start = time.perf_counter()
+    try:
+        counts = dedup_files(pool, out, against, threshold, dropped, progress=sys.stderr.isatty())
+    except UserError as exc:
+        _fail(str(exc))
+    secs = time.perf_counter() - start
+    typer.echo(
+        f"kept {counts['kept']} of {counts['pool']} instructions ({counts['dropped']} dropped, ROUGE-L > {threshold}"
+        + (f" against {counts['against']} in {against} and the kept ones" if against else " against the kept ones")
+        + f") in {secs:.1f} s -> {out}"
+    )
+
+
 @models_app.command("prepare")
 def models_prepare(
     config: Annotated[Optional[str], typer.Argument(help="Prepare the models this pipeline uses (default: every recipe).")] = None,

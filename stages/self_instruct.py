@@ -158,17 +158,24 @@ def _instruction_reason(text: str, cfg: Config) -> str | None:
 
 
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
-    from rouge_score import rouge_scorer
+    from collections import Counter
+
     from tqdm.auto import tqdm
 
     from polyalign.stages.core.backends import Request, request_seed, run as generate, usage_of
     from polyalign.stages.core.cards import render_card
     from polyalign.stages.core.io import stable_unit
+    from polyalign.stages.core.novelty import NoveltyFilter, rouge_tokens
 
     seeds = load_seed_tasks(cfg.seed_tasks)
     seed_texts = [s["instruction"].strip() for s in seeds]
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    pool_tokens = [scorer._tokenizer.tokenize(t) for t in seed_texts]  # noqa: SLF001
+    # the novelty pool: seeds and every kept instruction (exact ROUGE-L decisions, indexed)
+    seed_tokens = [rouge_tokens(t) for t in seed_texts]
+    frequencies = Counter(w for toks in seed_tokens for w in set(toks))
+    pool = NoveltyFilter(cfg.max_rouge_l, frequencies)
+    pool_texts = list(seed_texts)
+    for toks in seed_tokens:
+        pool.add(toks)
 
     # resume: replay finished rounds to rebuild the pool exactly
     kept: list[dict] = []
@@ -179,7 +186,9 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         meta = out.read_json(f"rounds/{round_no:05d}.json", keys=("kept", "quarantined", "tokens"))
         shard = out.records(f"data/{round_no:05d}.jsonl", keys=("id", "instruction", "split"))
         kept.extend(shard)
-        pool_tokens.extend(scorer._tokenizer.tokenize(r["instruction"]) for r in shard)  # noqa: SLF001
+        for r in shard:
+            pool.add(rouge_tokens(r["instruction"]))
+            pool_texts.append(r["instruction"])
         n_quarantined += meta["quarantined"]
         for k in usage:
             usage[k] += int(meta.get("usage", {}).get(k, 0))
@@ -215,22 +224,29 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             candidates = [replies[r.key] for r in requests]
 
             quarantine, survivors = [], []
-            round_tokens = list(pool_tokens)
+            this_round = NoveltyFilter(cfg.max_rouge_l, frequencies)  # candidates kept so far this round
+            round_texts: list[str] = []
             for i, reply in enumerate(candidates):
                 text = re.sub(r"\s+", " ", reply.text).strip()
                 cid = f"si-{round_no:05d}-{i:03d}"
                 reason = _instruction_reason(text, cfg)
                 if reason is None and reply.truncated and not cfg.keep_truncated:
                     reason = f"truncated: no end within max_instruction_tokens ({cfg.max_instruction_tokens})"
+                match = None
                 if reason is None:
-                    cand_tokens = scorer._tokenizer.tokenize(text)  # noqa: SLF001
-                    best = max((rouge_scorer._score_lcs(t, cand_tokens).fmeasure for t in round_tokens), default=0.0)  # noqa: SLF001
-                    if best > cfg.max_rouge_l:
-                        reason = f"ROUGE-L {best:.2f} > {cfg.max_rouge_l} to an existing instruction"
+                    cand_tokens = rouge_tokens(text)
+                    in_pool, in_round = pool.best_match(cand_tokens), this_round.best_match(cand_tokens)
+                    if in_pool is not None and (in_round is None or in_pool[1] >= in_round[1]):
+                        match = (pool_texts[in_pool[0]], in_pool[1])
+                    elif in_round is not None:
+                        match = (round_texts[in_round[0]], in_round[1])
+                    if match is not None:
+                        reason = f"ROUGE-L {match[1]:.2f} > {cfg.max_rouge_l} to an existing instruction"
                     else:
-                        round_tokens.append(cand_tokens)
+                        this_round.add(cand_tokens)
+                        round_texts.append(text)
                 if reason:
-                    quarantine.append({"id": cid, "instruction": text, "reason": reason})
+                    quarantine.append({"id": cid, "instruction": text, "reason": reason, **({"match": match[0]} if match else {})})
                 else:
                     survivors.append((cid, text))
 
@@ -279,7 +295,8 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
                         "source": "self_instruct",
                     }
                 )
-                pool_tokens.append(scorer._tokenizer.tokenize(text))  # noqa: SLF001
+                pool.add(rouge_tokens(text))
+                pool_texts.append(text)
             out.write_jsonl(f"quarantine/{round_no:05d}.jsonl", quarantine)
             out.write_jsonl(f"data/{round_no:05d}.jsonl", records)
             round_usage = usage_of(list(replies.values()) + list(inst_replies.values()))
