@@ -1,12 +1,22 @@
 """Self-Instruct: a teacher LLM writes new English tasks from seed tasks (Wang et al., 2022).
 
-Work proceeds in rounds. Each round builds `round_size` prompts, each showing
-`prompt_seed_tasks` seed instructions and `prompt_machine_tasks` earlier machine instructions,
-and asks the teacher for one more; candidates pass the length, keyword and ROUGE-L novelty
-filters (ROUGE-L against every kept instruction, dropped above `max_rouge_l`, 0.7 as in the
-paper); the teacher then writes an instance (input and output) for each survivor. A round is
-written as one shard, so a killed run resumes at the next round with an identical pool.
-Every dropped candidate is kept in `quarantine/` with its reason.
+Work proceeds in rounds of `round_size` requests to the teacher. Two methods:
+
+- `alpaca` (Taori et al., 2023; what Okapi used, the default): each request shows 3 seed
+  tasks with their input and output and asks for about `tasks_per_request` new tasks written
+  the same way (instruction, input or <noinput>, output); only a last item cut by the token
+  budget is dropped as truncated.
+- `single`: each request shows `prompt_seed_tasks` seed and `prompt_machine_tasks` earlier
+  machine instructions and asks for one more; the teacher then writes an instance (input and
+  output) for each instruction kept. For small or random models that cannot write a list.
+
+Candidates then pass the published filters (stages/core/tasks.py: length in words, blocked
+words, "Write a program", a first character that is punctuation or not ASCII; an instance
+with an empty output or an input equal to its output) and the ROUGE-L novelty filter
+(stages/core/novelty.py: dropped above `max_rouge_l`, 0.7 as in the papers, against the seeds
+and every instruction kept before). A round is written as one shard, so a killed run resumes
+at the next round with an identical pool; replies inside a round are journaled. Every
+dropped candidate is kept in `quarantine/` with its reason, and the card counts them.
 """
 
 from __future__ import annotations
@@ -14,61 +24,74 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, data_file_field, model_field
+from polyalign.stages.core.tasks import BLOCKLIST
 
-VERSION = "4"
+VERSION = "5"
 OUTPUTS = ("metrics.json", "README.md", "data/*.jsonl")  # in every artifact of this stage
 INPUTS: dict[str, str] = {}
-
-# Self-Instruct's filter list: tasks a text-only model cannot do.
-DEFAULT_BLOCKLIST = [
-    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
-]
-
 
 class Config(StageConfig):
     teacher: str = model_field("Model (name in `models:`) that writes instructions and instances.", remote_ok=True)
     seed_tasks: str = data_file_field(
         "seed_tasks.jsonl", "Seed tasks JSONL in Self-Instruct format, or 'builtin' (shipped)."
     )
+    method: Literal["alpaca", "single"] = Field(
+        "alpaca",
+        description="alpaca: about tasks_per_request tasks (instruction, input, output) per request from 3 "
+        "seed tasks, as Okapi did; single: one instruction per request, then one instance per kept "
+        "instruction (for small or random models).",
+    )
     num_instructions: int = Field(100, gt=0, description="Stop once this many instructions are kept.")
     max_rounds: int = Field(50, gt=0, description="Give up after this many rounds even if short.")
-    round_size: int = Field(16, gt=0, description="Candidate instructions proposed per round.")
-    prompt_seed_tasks: int = Field(6, ge=1, description="Seed instructions shown in each prompt.")
-    prompt_machine_tasks: int = Field(2, ge=0, description="Earlier machine instructions per prompt.")
-    instance_shots: int = Field(3, ge=0, description="Seed examples shown when writing an instance.")
+    round_size: int = Field(5, gt=0, description="Requests to the teacher per round.")
+    tasks_per_request: int = Field(20, ge=1, description="alpaca: new tasks asked for in each request.")
+    prompt_seed_tasks: int | None = Field(
+        None, ge=1, description="Seed tasks shown in each request (default: alpaca 3, single 6)."
+    )
+    prompt_machine_tasks: int = Field(2, ge=0, description="single: earlier machine instructions per prompt.")
+    instance_shots: int = Field(3, ge=0, description="single: seed examples shown when writing an instance.")
     instance_format: Literal["input_output", "output_only"] = Field(
         "input_output",
-        description="input_output: the teacher writes an optional input, then the output; "
+        description="single: input_output: the teacher writes an optional input, then the output; "
         "output_only: tasks without input, the teacher writes only the output.",
     )
-    temperature: float = Field(0.8, ge=0, description="Sampling temperature for instructions.")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling for instructions.")
-    max_instruction_tokens: int = Field(48, gt=0, description="Token budget of one instruction.")
-    max_instance_tokens: int = Field(160, gt=0, description="Token budget of one instance.")
-    min_words: int = Field(3, ge=1, description="Drop instructions shorter than this (words).")
-    max_words: int = Field(150, ge=1, description="Drop instructions longer than this (words).")
+    temperature: float | None = Field(None, ge=0, description="Sampling temperature (default: alpaca 1.0, single 0.8).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (default: alpaca 1.0, single 0.95).")
+    max_request_tokens: int = Field(3072, gt=0, description="alpaca: token budget of one reply (a list of tasks).")
+    max_instruction_tokens: int = Field(48, gt=0, description="single: token budget of one instruction.")
+    max_instance_tokens: int = Field(160, gt=0, description="single: token budget of one instance.")
+    min_words: int = Field(4, ge=1, description="Drop instructions of fewer words (4 as published).")
+    max_words: int = Field(150, ge=1, description="Drop instructions of more words (150 as published).")
     max_rouge_l: float = Field(0.7, gt=0, le=1, description="Drop when ROUGE-L to a kept one exceeds this.")
-    blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKLIST), description="Keywords that drop an instruction.")
+    blocklist: list[str] = Field(default_factory=lambda: list(BLOCKLIST), description="Words (whole, any case) that drop an instruction.")
     heldout_fraction: float = Field(
         0.2, ge=0, lt=1, description="Share of records marked split=heldout (preference prompts)."
     )
     seed: int = Field(0, description="Random seed of demonstration sampling and generation.")
     keep_truncated: bool = Field(
         False,
-        description="Keep an instruction or instance that hit its token budget (default: drop it "
-        "to quarantine, as the papers do; tiny random models never end, so their configs keep).",
+        description="Keep an instruction, instance or last listed task that hit its token budget (default: "
+        "quarantine it, as the papers do; tiny random models never end, so their configs keep).",
     )
     batch_size: int = Field(
         8, gt=0, description="Prompts per generation batch of a local model. Part of the fingerprint "
         "here: with sampling, the batch layout decides how the random stream is consumed.",
     )
+
+    @property
+    def shown_seeds(self) -> int:
+        return self.prompt_seed_tasks or (3 if self.method == "alpaca" else 6)
+
+    @property
+    def sampling(self) -> tuple[float, float]:
+        default = (1.0, 1.0) if self.method == "alpaca" else (0.8, 0.95)
+        return (self.temperature if self.temperature is not None else default[0], self.top_p or default[1])
 
     @field_validator("seed_tasks")
     @classmethod
@@ -139,22 +162,115 @@ def _parse_instance(text: str, fmt: str) -> tuple[str, str] | None:
 
 
 def _instruction_reason(text: str, cfg: Config) -> str | None:
-    words = text.split()
-    if not words:
-        return "empty instruction"
-    if len(words) < cfg.min_words:
-        return f"shorter than {cfg.min_words} words"
-    if len(words) > cfg.max_words:
-        return f"longer than {cfg.max_words} words"
-    low = text.lower()
-    for word in cfg.blocklist:
-        if re.search(rf"\b{re.escape(word)}\b", low):
-            return f"blocked keyword {word!r}"
-    if low.startswith("write a program"):
-        return "ambiguous program-writing task"
-    if not text[0].isalnum():
-        return "starts with punctuation"
-    return None
+    from polyalign.stages.core.tasks import instruction_problem
+
+    return instruction_problem(text, cfg.min_words, cfg.max_words, cfg.blocklist)
+
+
+def _alpaca_candidates(cfg: Config, lm: Any, seeds: list[dict], rng: random.Random, round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
+    """One round of Alpaca requests: the parsed tasks in order (id, task), the items that did
+    not parse (quarantine rows) and the replies."""
+    from polyalign.stages.core.backends import Request, request_seed, run as generate
+    from polyalign.stages.core.tasks import alpaca_prompt, alpaca_stop, parse_alpaca
+
+    temperature, top_p = cfg.sampling
+    with_instances = [s for s in seeds if s["instances"]]
+    shown = min(cfg.shown_seeds, len(with_instances))
+    requests, firsts = [], []
+    for i in range(cfg.round_size):
+        demos = rng.sample(with_instances, shown)
+        prompt, first = alpaca_prompt(demos, cfg.tasks_per_request)
+        key = f"{round_no:05d}/tasks/{i:03d}"
+        requests.append(
+            Request(
+                key=key,
+                prompt=prompt,
+                max_new_tokens=cfg.max_request_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=alpaca_stop(shown, cfg.tasks_per_request),
+                seed=request_seed(cfg.seed, key),
+            )
+        )
+        firsts.append(first)
+    replies = generate(lm, requests, journal, desc=f"round {round_no}")
+    candidates, quarantine = [], []
+    for i, (req, first) in enumerate(zip(requests, firsts)):
+        reply = replies[req.key]
+        for j, (task, raw, problem) in enumerate(parse_alpaca(reply.text, first, reply.truncated and not cfg.keep_truncated)):
+            cid = f"si-{round_no:05d}-{i:03d}-{j:02d}"
+            if task is None:
+                quarantine.append({"id": cid, "reason": problem, "raw": raw})
+            else:
+                candidates.append((cid, task))
+    return candidates, quarantine, list(replies.values())
+
+
+def _single_candidates(cfg: Config, lm: Any, seed_texts: list[str], machine: list[str], rng: random.Random, round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
+    """One round of one-instruction requests: (id, {"instruction"}) per reply in order, the
+    truncated ones as quarantine rows, and the replies."""
+    from polyalign.stages.core.backends import Request, request_seed, run as generate
+
+    temperature, top_p = cfg.sampling
+    requests = []
+    for i in range(cfg.round_size):
+        demos = rng.sample(seed_texts, min(cfg.shown_seeds, len(seed_texts)))
+        extra = rng.sample(machine, min(cfg.prompt_machine_tasks, len(machine)))
+        key = f"{round_no:05d}/instruction/{i:03d}"
+        requests.append(
+            Request(
+                key=key,
+                prompt=_instruction_prompt(demos, extra),
+                max_new_tokens=cfg.max_instruction_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=("\n", "Task "),
+                seed=request_seed(cfg.seed, key),
+            )
+        )
+    replies = generate(lm, requests, journal, desc=f"round {round_no}")
+    candidates, quarantine = [], []
+    for i, req in enumerate(requests):
+        reply = replies[req.key]
+        cid = f"si-{round_no:05d}-{i:03d}"
+        text = re.sub(r"\s+", " ", reply.text).strip()
+        if reply.truncated and not cfg.keep_truncated:
+            quarantine.append({"id": cid, "instruction": text, "reason": f"truncated: no end within max_instruction_tokens ({cfg.max_instruction_tokens})"})
+        else:
+            candidates.append((cid, {"instruction": text}))
+    return candidates, quarantine, list(replies.values())
+
+
+def _single_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[tuple[str, dict]], round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
+    """The teacher writes one instance per surviving instruction (single method)."""
+    from polyalign.stages.core.backends import Request, run as generate
+
+    shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
+    with_inst = [s for s in seeds if s["instances"]]
+    requests = []
+    for cid, task in survivors:
+        shots = shots_rng.sample(with_inst, min(cfg.instance_shots, len(with_inst)))
+        requests.append(
+            Request(
+                key=f"{round_no:05d}/instance/{cid}",
+                prompt=_instance_prompt(shots, task["instruction"], cfg.instance_format),
+                max_new_tokens=cfg.max_instance_tokens,
+                stop=("\n\nInstruction:", "Instruction:"),
+            )
+        )
+    replies = generate(lm, requests, journal, desc="instances")
+    done, quarantine = [], []
+    for (cid, task), req in zip(survivors, requests):
+        reply = replies[req.key]
+        text = task["instruction"]
+        parsed = _parse_instance(reply.text, cfg.instance_format)
+        if reply.truncated and not cfg.keep_truncated:
+            quarantine.append({"id": cid, "instruction": text, "reason": f"instance truncated at max_instance_tokens ({cfg.max_instance_tokens})", "raw": reply.text})
+        elif parsed is None:
+            quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": reply.text})
+        else:
+            done.append((cid, {"instruction": text, "input": parsed[0], "output": parsed[1]}))
+    return done, quarantine, list(replies.values())
 
 
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
@@ -162,13 +278,16 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
 
     from tqdm.auto import tqdm
 
-    from polyalign.stages.core.backends import Request, request_seed, run as generate, usage_of
+    from polyalign.stages.core.backends import usage_of
     from polyalign.stages.core.cards import render_card
     from polyalign.stages.core.io import stable_unit
     from polyalign.stages.core.novelty import NoveltyFilter, rouge_tokens
+    from polyalign.stages.core.tasks import instance_problem
 
     seeds = load_seed_tasks(cfg.seed_tasks)
     seed_texts = [s["instruction"].strip() for s in seeds]
+    if cfg.method == "alpaca" and not any(s["instances"] for s in seeds):
+        raise RuntimeError(f"self_instruct: method alpaca shows seed tasks with an instance, and {cfg.seed_tasks} has none")
     # the novelty pool: seeds and every kept instruction (exact ROUGE-L decisions, indexed)
     seed_tokens = [rouge_tokens(t) for t in seed_texts]
     frequencies = Counter(w for toks in seed_tokens for w in set(toks))
@@ -200,38 +319,23 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         bar = tqdm(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions), desc="self_instruct", unit="instr")
         while len(kept) < cfg.num_instructions and round_no < cfg.max_rounds:
             rng = random.Random(f"{cfg.seed}-{round_no}")
-            machine = [r["instruction"] for r in kept]
             # every reply of this round is journaled as it arrives: a killed run asks again
             # only for what it does not have, even in the middle of a round
             journal = out.journal(f"self_instruct/{round_no:05d}")
-            requests = []
-            for i in range(cfg.round_size):
-                demos = rng.sample(seed_texts, min(cfg.prompt_seed_tasks, len(seed_texts)))
-                extra = rng.sample(machine, min(cfg.prompt_machine_tasks, len(machine)))
-                key = f"{round_no:05d}/instruction/{i:03d}"
-                requests.append(
-                    Request(
-                        key=key,
-                        prompt=_instruction_prompt(demos, extra),
-                        max_new_tokens=cfg.max_instruction_tokens,
-                        temperature=cfg.temperature,
-                        top_p=cfg.top_p,
-                        stop=("\n", "Task "),
-                        seed=request_seed(cfg.seed, key),
-                    )
-                )
-            replies = generate(lm, requests, journal, desc=f"round {round_no}")
-            candidates = [replies[r.key] for r in requests]
+            if cfg.method == "alpaca":
+                candidates, quarantine, replies = _alpaca_candidates(cfg, lm, seeds, rng, round_no, journal)
+            else:
+                machine = [r["instruction"] for r in kept]
+                candidates, quarantine, replies = _single_candidates(cfg, lm, seed_texts, machine, rng, round_no, journal)
 
-            quarantine, survivors = [], []
+            survivors = []
             this_round = NoveltyFilter(cfg.max_rouge_l, frequencies)  # candidates kept so far this round
             round_texts: list[str] = []
-            for i, reply in enumerate(candidates):
-                text = re.sub(r"\s+", " ", reply.text).strip()
-                cid = f"si-{round_no:05d}-{i:03d}"
+            for cid, task in candidates:
+                text = task["instruction"]
                 reason = _instruction_reason(text, cfg)
-                if reason is None and reply.truncated and not cfg.keep_truncated:
-                    reason = f"truncated: no end within max_instruction_tokens ({cfg.max_instruction_tokens})"
+                if reason is None and "output" in task:
+                    reason = instance_problem(task["input"], task["output"])
                 match = None
                 if reason is None:
                     cand_tokens = rouge_tokens(text)
@@ -246,60 +350,46 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
                         this_round.add(cand_tokens)
                         round_texts.append(text)
                 if reason:
-                    quarantine.append({"id": cid, "instruction": text, "reason": reason, **({"match": match[0]} if match else {})})
+                    quarantine.append({"id": cid, **task, "reason": reason, **({"match": match[0]} if match else {})})
                 else:
-                    survivors.append((cid, text))
+                    survivors.append((cid, task))
 
-            # instances are the expensive part: write them only for as many survivors as the
-            # target still needs; the others go to quarantine with that reason
+            # keep only as many survivors as the target still needs (for single, before the
+            # instances are written: they are the expensive part)
             need = cfg.num_instructions - len(kept)
-            for cid, text in survivors[need:]:
-                quarantine.append({"id": cid, "instruction": text, "reason": "surplus: target already reached"})
+            for cid, task in survivors[need:]:
+                quarantine.append({"id": cid, **task, "reason": "surplus: target already reached"})
             survivors = survivors[:need]
-            shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
-            inst_requests = []
-            for cid, text in survivors:
-                with_inst = [s for s in seeds if s["instances"]]
-                shots = shots_rng.sample(with_inst, min(cfg.instance_shots, len(with_inst)))
-                inst_requests.append(
-                    Request(
-                        key=f"{round_no:05d}/instance/{cid}",
-                        prompt=_instance_prompt(shots, text, cfg.instance_format),
-                        max_new_tokens=cfg.max_instance_tokens,
-                        stop=("\n\nInstruction:", "Instruction:"),
-                    )
-                )
-            inst_replies = generate(lm, inst_requests, journal, desc="instances")
-            records = []
-            for (cid, text), req in zip(survivors, inst_requests):
-                reply = inst_replies[req.key]
-                parsed = _parse_instance(reply.text, cfg.instance_format)
-                if reply.truncated and not cfg.keep_truncated:
-                    quarantine.append({"id": cid, "instruction": text, "reason": f"instance truncated at max_instance_tokens ({cfg.max_instance_tokens})", "raw": reply.text})
-                    continue
-                if parsed is None:
-                    quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": reply.text})
-                    continue
-                task_input, output = parsed
-                if not output:
-                    quarantine.append({"id": cid, "instruction": text, "reason": "empty output"})
-                    continue
-                records.append(
-                    {
-                        "id": cid,
-                        "instruction": text,
-                        "input": task_input,
-                        "output": output,
-                        "lang": "en",
-                        "split": "heldout" if stable_unit(cid) < cfg.heldout_fraction else "train",
-                        "source": "self_instruct",
-                    }
-                )
-                pool.add(rouge_tokens(text))
-                pool_texts.append(text)
+            if cfg.method == "single":
+                survivors, lost, more = _single_instances(cfg, lm, seeds, survivors, round_no, journal)
+                quarantine += lost
+                replies += more
+                with_instance = []
+                for cid, task in survivors:
+                    problem = instance_problem(task["input"], task["output"])
+                    if problem:
+                        quarantine.append({"id": cid, **task, "reason": problem})
+                    else:
+                        with_instance.append((cid, task))
+                survivors = with_instance
+            records = [
+                {
+                    "id": cid,
+                    "instruction": task["instruction"],
+                    "input": task["input"],
+                    "output": task["output"],
+                    "lang": "en",
+                    "split": "heldout" if stable_unit(cid) < cfg.heldout_fraction else "train",
+                    "source": "self_instruct",
+                }
+                for cid, task in survivors
+            ]
+            for rec in records:
+                pool.add(rouge_tokens(rec["instruction"]))
+                pool_texts.append(rec["instruction"])
             out.write_jsonl(f"quarantine/{round_no:05d}.jsonl", quarantine)
             out.write_jsonl(f"data/{round_no:05d}.jsonl", records)
-            round_usage = usage_of(list(replies.values()) + list(inst_replies.values()))
+            round_usage = usage_of(replies)
             tokens = round_usage["prompt_tokens"] + round_usage["completion_tokens"]
             # the round marker is written last: its presence means the round is complete
             out.write_json(
@@ -351,12 +441,14 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         counts={"kept": len(kept), "quarantined": n_quarantined, **splits},
         total=len(kept),
         models=out.models,
-        provenance=[f"seed tasks: {cfg.seed_tasks}", f"{round_no} generation rounds, seed {cfg.seed}"],
+        provenance=[f"seed tasks: {cfg.seed_tasks}", f"{round_no} generation rounds of {cfg.round_size} requests, seed {cfg.seed}"],
         filters=[
+            f"method: {cfg.method}" + (f" ({cfg.shown_seeds} seed tasks shown, {cfg.tasks_per_request} new tasks asked per request)" if cfg.method == "alpaca" else ""),
             f"instruction length {cfg.min_words}-{cfg.max_words} words",
-            f"blocked keywords: {', '.join(cfg.blocklist)}",
-            f"ROUGE-L novelty: dropped when > {cfg.max_rouge_l} against a kept instruction",
-            "instances without an output are dropped",
+            f"blocked words (whole words, any case): {', '.join(cfg.blocklist)}",
+            "instructions starting with 'Write a program', with punctuation or with a non-ASCII character",
+            "instances with an empty output or an input equal to the output",
+            f"ROUGE-L novelty: dropped when > {cfg.max_rouge_l} against the seeds or a kept instruction",
         ]
         + [f"quarantined for '{k}': {v}" for k, v in sorted(reasons.items())],
         samples=kept[:3],

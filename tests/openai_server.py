@@ -12,8 +12,8 @@ malformed JSON, an empty `choices`. `truncate_rate` cuts replies as if the token
 ran out (finish_reason "length"). Every request is logged with its `X-Request-Key` header,
 what the server did with it and the text it replied.
 
-`script(key, body, chat)`, when set, may answer a request in place of the model (a str) or
-leave it to the model (None): it stands for a strong hosted model's answers to prompts a tiny
+`script(key, body, chat)`, when set, may answer a request in place of the model (a str, or
+a (str, finish_reason) pair) or leave it to the model (None): it stands for a strong hosted model's answers to prompts a tiny
 random model cannot answer (a judge's ranking), over the same protocol.
 
     python -m tests.openai_server --model DIR --name tiny-teacher --port 8000 [--fault-rate 0.3]
@@ -67,7 +67,7 @@ class ModelServer:
         self.backend = TransformersBackend(load_causal_lm(model_dir), load_tokenizer(model_dir), name=name, batch_size=max_batch, progress=False)
         self.max_batch = max_batch
         self.log: list[dict[str, Any]] = []
-        self.script: Callable[[str, dict[str, Any], bool], str | None] | None = None
+        self.script: Callable[[str, dict[str, Any], bool], str | tuple[str, str] | None] | None = None
         self._log_lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
         self._jobs: queue.Queue[_Job] = queue.Queue()
@@ -265,10 +265,11 @@ def _handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _scripted(text: str) -> Any:
+def _scripted(answer: str | tuple[str, str]) -> Any:
     from polyalign.stages.core.backends import Reply
 
-    return Reply(key="", text=text, finish_reason="stop", prompt_tokens=1, completion_tokens=max(1, len(text.split())))
+    text, finish = (answer, "stop") if isinstance(answer, str) else answer
+    return Reply(key="", text=text, finish_reason=finish, prompt_tokens=1, completion_tokens=max(1, len(text.split())))
 
 
 def _completion(server: ModelServer, body: dict[str, Any], chat: bool, result: Any, truncate: bool) -> dict[str, Any]:

@@ -42,6 +42,21 @@ def torch_dtype(spec_dtype: str) -> Any:
     return getattr(torch, spec_dtype)
 
 
+def cache_arg(model: Any) -> str:
+    """The forward argument that takes the key/value cache: transformers 5 renamed
+    `past_key_values` to `cache` (the old name is deprecated, then removed)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The key/value cache a forward pass returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def load_tokenizer(path: str, padding_side: str = "left") -> Any:
     from transformers import AutoTokenizer
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from polyalign.stages.core.loading import cache_arg, output_cache
+
 
 def model_max_length(model: Any, tok: Any) -> int:
     """lm-eval's rule: model config first, then the tokenizer, then 2048."""
@@ -156,7 +158,7 @@ class ChoiceScorer:
         with torch.inference_mode():
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.tokens += len(prefix_ids)
-        return out.past_key_values
+        return output_cache(out)
 
     def _cached(self, encoded, docs, out, bar, prefix_ids, prefix_cache, batch_size) -> None:  # noqa: ANN001
         import torch
@@ -185,13 +187,13 @@ class ChoiceScorer:
             # the default positions (prefix length + index) are right, so no mask is passed and
             # the model keeps its fast causal attention
             with torch.inference_mode():
-                res = self.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
+                res = self.model(input_ids=ids.to(device), use_cache=True, logits_to_keep=keep.to(device), **{cache_arg(self.model): cache})
             self.tokens += int(lengths.sum())
             where = {int(p): k for k, p in enumerate(keep)}
             first = torch.log_softmax(
                 torch.stack([res.logits[r, where[int(last[r])]] for r in range(len(batch))]).float(), dim=-1
             ).cpu()
-            cache = res.past_key_values
+            cache = output_cache(res)
             scores = {}
             rows = []  # (row in batch, doc, choice) for continuations longer than one token
             for r, i in enumerate(batch):
@@ -217,7 +219,7 @@ class ChoiceScorer:
                 # with one document, pads sit only after each continuation, where no real token sees them
                 masks = {} if len(batch) == 1 else {"attention_mask": amask.to(device), "position_ids": pos.to(device)}
                 with torch.inference_mode():
-                    res2 = self.model(input_ids=cids.to(device), past_key_values=sub, use_cache=True, **masks)
+                    res2 = self.model(input_ids=cids.to(device), use_cache=True, **masks, **{cache_arg(self.model): sub})
                 logp = torch.log_softmax(res2.logits.float(), dim=-1).cpu()
                 self.tokens += int(cmask.sum())
                 for k, (_, i, c) in enumerate(part):
@@ -298,9 +300,9 @@ class ChoiceScorer:
                     input_ids=torch.tensor([ids], device=device),
                     position_ids=torch.tensor([pos], device=device),
                     attention_mask=mask.to(device),
-                    past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=torch.tensor(rows, device=device),
+                    **{cache_arg(self.model): cache},
                 )
             logp = torch.log_softmax(res.logits[0].float(), dim=-1).cpu()
             self.tokens += len(ids)

@@ -237,3 +237,68 @@ def test_ranking_judge_through_english_maps_rankings_back_and_quarantines_what_n
         assert sum(judged[lang].values()) == n_lang
         assert judged[lang]["unparseable"] == sum(q["lang"] == lang for q in never)
     assert art.metrics["judge_method"] == "ranking"
+
+
+VERBS = ["Describe", "Compare", "Summarize", "Invent", "Criticize", "Outline", "Predict", "Rank"]
+THINGS = ["volcanic soils", "medieval guilds", "tidal energy", "chess openings", "honeybee colonies", "jazz harmony", "desert cities", "paper money"]
+
+
+def _good_tasks(i: int) -> list[tuple[str, str, str]]:
+    return [
+        (f"{VERBS[2 * i]} {THINGS[2 * i]} for a curious child.", "<noinput>", f"About {THINGS[2 * i]}."),
+        (f"{VERBS[2 * i + 1]} these notes about {THINGS[2 * i + 1]}.", f"Notes on {THINGS[2 * i + 1]}.", "A plain version."),
+    ]
+
+
+def _alpaca_teacher(key: str, body: dict, chat: bool) -> str | tuple[str, str] | None:
+    """A hosted teacher's Alpaca lists: per request two good tasks, then one case of each
+    filter, an item without output, and a last task that is good, or cut by the token budget
+    in request 0."""
+    if chat or "/tasks/" not in key:
+        return None
+    i = int(key.rsplit("/", 1)[1])
+    first = int(body["prompt"].rsplit("###\n", 1)[1].split(".", 1)[0])
+    items = _good_tasks(i) + [
+        (f"Draw a sketch of {THINGS[i]} for tourists.", "<noinput>", "..."),
+        ("Name three colours", "<noinput>", "Red, blue, green."),
+        ("Summarize the following paragraph in one sentence.", "A paragraph.", "A sentence."),  # a builtin seed task
+        ("Repeat the input word for word here.", "same words", "same words"),
+    ]
+    blocks = [f"{first + k}. Instruction: {a}\n{first + k}. Input:\n{b}\n{first + k}. Output:\n{c}" for k, (a, b, c) in enumerate(items)]
+    n = first + len(items)
+    blocks.append(f"{n}. Instruction: This item has lost its output section.\n{n}. Input:\n<noinput>")
+    n += 1
+    blocks.append(f"{n}. Instruction: {VERBS[-1 - i]} odd uses of {THINGS[-1 - i]} in history.\n{n}. Input:\n<noinput>\n{n}. Output:\nA list.")
+    text = "\n###\n".join(blocks)[len(f"{first}. Instruction:"):]
+    return (text[: text.rfind("Output:")], "length") if i == 0 else text
+
+
+def test_alpaca_method_parses_lists_and_counts_every_drop(server, env, tmp_path):
+    store = str(tmp_path / "store")
+    sets = _sets(server, "self_instruct.method=alpaca", "self_instruct.round_size=2", "self_instruct.max_rounds=1",
+                 "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.keep_truncated=false")
+    server.script = _alpaca_teacher
+    try:
+        proc = cli("stage", "self_instruct", str(API), "--store", store, *sets, env=env)
+    finally:
+        server.script = None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
+    art = pipe.store.open("self_instruct", pipe.fingerprints()["self_instruct"])
+    kept = {r["instruction"]: r for r in art.records("data/*.jsonl")}
+    expected = {a: (b, c) for i in (0, 1) for a, b, c in _good_tasks(i)}
+    expected["Predict odd uses of desert cities in history."] = ("<noinput>", "A list.")  # request 1 only
+    assert set(kept) == set(expected)
+    for inst, (task_input, output) in expected.items():
+        assert (kept[inst]["input"], kept[inst]["output"]) == ("" if task_input == "<noinput>" else task_input, output)
+    assert art.metrics["quarantine_reasons"] == {
+        "blocked word 'draw'": 2,
+        "fewer than 4 words": 2,
+        "ROUGE-L": 2,
+        "input equals output": 2,
+        "unparseable task: expected an instruction, an input and an output": 2,
+        "truncated: the last task was cut by the token budget": 1,
+    }
+    assert art.metrics["records"] + art.metrics["quarantined"] == 2 * 8
+    card = art.read_bytes("README.md").decode()
+    assert "method: alpaca" in card and "blocked word 'draw'" in card

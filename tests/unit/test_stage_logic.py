@@ -13,22 +13,6 @@ def si_cfg(**kw):
     return self_instruct.Config(teacher="t", **kw)
 
 
-@pytest.mark.parametrize(
-    "text, reason",
-    [
-        ("", "empty instruction"),
-        ("Hi", "shorter than 3 words"),
-        ("Draw a cat sitting on a mat", "blocked keyword 'draw'"),
-        ("Describe the image shown below in detail", "blocked keyword 'image'"),
-        ("- List three colours please", "starts with punctuation"),
-        ("Write a program that sorts numbers", "ambiguous program-writing task"),
-        ("Explain why the sky looks blue during the day.", None),
-    ],
-)
-def test_instruction_filters(text, reason):
-    assert self_instruct._instruction_reason(text, si_cfg()) == reason
-
-
 def test_instance_parsing():
     assert self_instruct._parse_instance(" <noinput>\nOutput: Paris.", "input_output") == ("", "Paris.")
     assert self_instruct._parse_instance(" 3 + 4\nOutput: 7", "input_output") == ("3 + 4", "7")

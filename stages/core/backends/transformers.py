@@ -21,6 +21,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from polyalign.stages.core.loading import cache_arg as loaded_cache_arg
+
 from .base import OnReplies, Reply, Request, Usage, cut_at_stop, render_messages, request_seed
 
 
@@ -124,7 +126,7 @@ class TransformersBackend:
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         cache = DynamicCache(config=model.config)
-        cache_arg = self._cache_arg()
+        cache_arg = loaded_cache_arg(model)
         extra = {"logits_to_keep": 1} if self._keeps_logits() else {}
 
         n = input_ids.shape[0]
@@ -186,10 +188,6 @@ class TransformersBackend:
 
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return set(inspect.signature(inner.forward).parameters)
-
-    def _cache_arg(self) -> str:
-        # transformers 5 renamed the forward argument `past_key_values` to `cache`
-        return "cache" if "cache" in self._forward_params() else "past_key_values"
 
     def _keeps_logits(self) -> bool:
         return "logits_to_keep" in self._forward_params()
