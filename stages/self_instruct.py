@@ -41,31 +41,34 @@ class Config(StageConfig):
     seed_tasks: str = data_file_field(
         "seed_tasks.jsonl", "Seed tasks JSONL in Self-Instruct format, or 'builtin' (shipped)."
     )
-    method: Literal["alpaca", "single"] = Field(
+    method: Literal["alpaca", "self_instruct", "single"] = Field(
         "alpaca",
         description="alpaca: about tasks_per_request tasks (instruction, input, output) per request from 3 "
-        "seed tasks, as Okapi did; single: one instruction per request, then one instance per kept "
-        "instruction (for small or random models).",
+        "seed tasks, as Okapi did; self_instruct: the original: instructions first from 8 in-context ones "
+        "(6 seed, 2 machine), then a classification check and instances written input-first or "
+        "output-first; single: one instruction per request, then one instance per kept instruction "
+        "(for small or random models).",
     )
     num_instructions: int = Field(100, gt=0, description="Stop once this many instructions are kept.")
     max_rounds: int = Field(50, gt=0, description="Give up after this many rounds even if short.")
     round_size: int = Field(5, gt=0, description="Requests to the teacher per round.")
     tasks_per_request: int = Field(20, ge=1, description="alpaca: new tasks asked for in each request.")
     prompt_seed_tasks: int | None = Field(
-        None, ge=1, description="Seed tasks shown in each request (default: alpaca 3, single 6)."
+        None, ge=1, description="Seed tasks shown in each request (default: alpaca 3, self_instruct and single 6)."
     )
-    prompt_machine_tasks: int = Field(2, ge=0, description="single: earlier machine instructions per prompt.")
-    instance_shots: int = Field(3, ge=0, description="single: seed examples shown when writing an instance.")
+    prompt_machine_tasks: int = Field(2, ge=0, description="self_instruct, single: earlier machine instructions per prompt.")
+    instance_shots: int = Field(3, ge=0, description="self_instruct, single: seed examples shown when writing instances.")
+    classification_shots: int = Field(12, ge=2, description="self_instruct: labelled seed tasks shown to the classification check.")
     instance_format: Literal["input_output", "output_only"] = Field(
         "input_output",
         description="single: input_output: the teacher writes an optional input, then the output; "
         "output_only: tasks without input, the teacher writes only the output.",
     )
-    temperature: float | None = Field(None, ge=0, description="Sampling temperature (default: alpaca 1.0, single 0.8).")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (default: alpaca 1.0, single 0.95).")
-    max_request_tokens: int = Field(3072, gt=0, description="alpaca: token budget of one reply (a list of tasks).")
+    temperature: float | None = Field(None, ge=0, description="Sampling temperature (default: alpaca 1.0, self_instruct 0.7, single 0.8).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling (default: alpaca 1.0, self_instruct 0.5, single 0.95).")
+    max_request_tokens: int | None = Field(None, gt=0, description="alpaca, self_instruct: token budget of one list (default 3072, 1024).")
     max_instruction_tokens: int = Field(48, gt=0, description="single: token budget of one instruction.")
-    max_instance_tokens: int = Field(160, gt=0, description="single: token budget of one instance.")
+    max_instance_tokens: int | None = Field(None, gt=0, description="Token budget of one instance reply (default: self_instruct 300, single 160).")
     min_words: int = Field(4, ge=1, description="Drop instructions of fewer words (4 as published).")
     max_words: int = Field(150, ge=1, description="Drop instructions of more words (150 as published).")
     max_rouge_l: float = Field(0.7, gt=0, le=1, description="Drop when ROUGE-L to a kept one exceeds this.")
@@ -90,8 +93,16 @@ class Config(StageConfig):
 
     @property
     def sampling(self) -> tuple[float, float]:
-        default = (1.0, 1.0) if self.method == "alpaca" else (0.8, 0.95)
+        default = {"alpaca": (1.0, 1.0), "self_instruct": (0.7, 0.5), "single": (0.8, 0.95)}[self.method]
         return (self.temperature if self.temperature is not None else default[0], self.top_p or default[1])
+
+    @property
+    def request_tokens(self) -> int:
+        return self.max_request_tokens or (3072 if self.method == "alpaca" else 1024)
+
+    @property
+    def instance_tokens(self) -> int:
+        return self.max_instance_tokens or (300 if self.method == "self_instruct" else 160)
 
     @field_validator("seed_tasks")
     @classmethod
@@ -185,7 +196,7 @@ def _alpaca_candidates(cfg: Config, lm: Any, seeds: list[dict], rng: random.Rand
             Request(
                 key=key,
                 prompt=prompt,
-                max_new_tokens=cfg.max_request_tokens,
+                max_new_tokens=cfg.request_tokens,
                 temperature=temperature,
                 top_p=top_p,
                 stop=alpaca_stop(shown, cfg.tasks_per_request),
@@ -254,7 +265,7 @@ def _single_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[t
             Request(
                 key=f"{round_no:05d}/instance/{cid}",
                 prompt=_instance_prompt(shots, task["instruction"], cfg.instance_format),
-                max_new_tokens=cfg.max_instance_tokens,
+                max_new_tokens=cfg.instance_tokens,
                 stop=("\n\nInstruction:", "Instruction:"),
             )
         )
@@ -265,12 +276,92 @@ def _single_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[t
         text = task["instruction"]
         parsed = _parse_instance(reply.text, cfg.instance_format)
         if reply.truncated and not cfg.keep_truncated:
-            quarantine.append({"id": cid, "instruction": text, "reason": f"instance truncated at max_instance_tokens ({cfg.max_instance_tokens})", "raw": reply.text})
+            quarantine.append({"id": cid, "instruction": text, "reason": f"instance truncated at max_instance_tokens ({cfg.instance_tokens})", "raw": reply.text})
         elif parsed is None:
             quarantine.append({"id": cid, "instruction": text, "reason": "instance has no 'Output:' field", "raw": reply.text})
         else:
             done.append((cid, {"instruction": text, "input": parsed[0], "output": parsed[1]}))
     return done, quarantine, list(replies.values())
+
+
+def _si_candidates(cfg: Config, lm: Any, seed_texts: list[str], machine: list[str], rng: random.Random, round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
+    """One round of Self-Instruct list requests: 8 in-context instructions each (machine ones
+    as available, seeds for the rest), the model continues the numbered list."""
+    from polyalign.stages.core.backends import Request, request_seed, run as generate
+    from polyalign.stages.core.tasks import parse_si_list, si_list_prompt, si_list_stop
+
+    temperature, top_p = cfg.sampling
+    total = cfg.shown_seeds + cfg.prompt_machine_tasks
+    requests = []
+    for i in range(cfg.round_size):
+        extra = rng.sample(machine, min(cfg.prompt_machine_tasks, len(machine)))
+        demos = rng.sample(seed_texts, min(total - len(extra), len(seed_texts))) + extra
+        prompt, _ = si_list_prompt(demos)
+        key = f"{round_no:05d}/list/{i:03d}"
+        requests.append(
+            Request(key=key, prompt=prompt, max_new_tokens=cfg.request_tokens, temperature=temperature, top_p=top_p, stop=si_list_stop(), seed=request_seed(cfg.seed, key))
+        )
+    replies = generate(lm, requests, journal, desc=f"round {round_no}")
+    candidates, quarantine = [], []
+    for i, req in enumerate(requests):
+        reply = replies[req.key]
+        for j, (text, raw, problem) in enumerate(parse_si_list(reply.text, reply.truncated and not cfg.keep_truncated)):
+            cid = f"si-{round_no:05d}-{i:03d}-{j:02d}"
+            if text is None:
+                quarantine.append({"id": cid, "reason": problem, "raw": raw})
+            else:
+                candidates.append((cid, {"instruction": text}))
+    return candidates, quarantine, list(replies.values())
+
+
+def _si_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[tuple[str, dict]], round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any], dict[str, int]]:
+    """Self-Instruct's second half for the instructions kept: is each a classification task
+    (few-shot, greedy)? Then instances: output-first for classification, input-first
+    otherwise; the instance filters; the first valid instance makes the record."""
+    from polyalign.stages.core.backends import Request, run as generate
+    from polyalign.stages.core.tasks import INSTANCE_STOP, clf_prompt, conflicting_inputs, instance_problem, instance_prompt, parse_clf, parse_instances
+
+    rng = random.Random(f"{cfg.seed}-{round_no}-shots")
+    labelled = [s for s in seeds if "is_classification" in s]
+    yes = [s for s in labelled if s["is_classification"]]
+    no = [s for s in labelled if not s["is_classification"]]
+    half = cfg.classification_shots // 2
+    clf_requests = []
+    for cid, task in survivors:
+        shots = rng.sample(yes, min(half, len(yes))) + rng.sample(no, min(half, len(no)))
+        rng.shuffle(shots)
+        clf_requests.append(Request(key=f"{round_no:05d}/classification/{cid}", prompt=clf_prompt(shots, task["instruction"]), max_new_tokens=3, stop=("\n", "Task")))
+    clf = generate(lm, clf_requests, journal, desc="classification") if labelled else {}
+    counts = {"classification": 0, "generation": 0, "classification_unclear": 0}
+    kinds = []
+    for req in clf_requests:
+        verdict = parse_clf(clf[req.key].text) if req.key in clf else None
+        counts["classification_unclear"] += verdict is None
+        kinds.append(bool(verdict))
+        counts["classification" if verdict else "generation"] += 1
+    with_inst = [s for s in seeds if s["instances"]]
+    inst_requests = []
+    for (cid, task), is_clf in zip(survivors, kinds):
+        same_kind = [s for s in with_inst if bool(s.get("is_classification")) == is_clf] or with_inst
+        shots = rng.sample(same_kind, min(cfg.instance_shots, len(same_kind)))
+        inst_requests.append(
+            Request(key=f"{round_no:05d}/instances/{cid}", prompt=instance_prompt(shots, task["instruction"], is_clf), max_new_tokens=cfg.instance_tokens, stop=INSTANCE_STOP)
+        )
+    replies = generate(lm, inst_requests, journal, desc="instances")
+    done, quarantine = [], []
+    for (cid, task), is_clf, req in zip(survivors, kinds, inst_requests):
+        reply = replies[req.key]
+        pairs, _ = parse_instances(reply.text, is_clf, reply.truncated and not cfg.keep_truncated)
+        valid = [(a, b) for a, b in pairs if instance_problem(a, b) is None]
+        base = {"id": cid, "instruction": task["instruction"], "is_classification": is_clf, "raw": reply.text}
+        if conflicting_inputs(valid):
+            quarantine.append({**base, "reason": "one input with different outputs"})
+        elif not valid:
+            problems = sorted({instance_problem(a, b) or "" for a, b in pairs})
+            quarantine.append({**base, "reason": "no valid instance" + (f" ({', '.join(problems)})" if problems else ": none parsed")})
+        else:
+            done.append((cid, {"instruction": task["instruction"], "input": valid[0][0], "output": valid[0][1], "is_classification": is_clf, "instances": len(set(valid))}))
+    return done, quarantine, list(clf.values()) + list(replies.values()), counts
 
 
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
@@ -299,6 +390,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     # resume: replay finished rounds to rebuild the pool exactly
     kept: list[dict] = []
     n_quarantined = 0
+    task_kinds: dict[str, int] = {}
     usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
     round_no = 0
     while out.exists(f"rounds/{round_no:05d}.json"):
@@ -309,6 +401,8 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             pool.add(rouge_tokens(r["instruction"]))
             pool_texts.append(r["instruction"])
         n_quarantined += meta["quarantined"]
+        for k, v in meta.get("task_kinds", {}).items():
+            task_kinds[k] = task_kinds.get(k, 0) + int(v)
         for k in usage:
             usage[k] += int(meta.get("usage", {}).get(k, 0))
         round_no += 1
@@ -322,13 +416,16 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             # every reply of this round is journaled as it arrives: a killed run asks again
             # only for what it does not have, even in the middle of a round
             journal = out.journal(f"self_instruct/{round_no:05d}")
+            machine = [r["instruction"] for r in kept]
             if cfg.method == "alpaca":
                 candidates, quarantine, replies = _alpaca_candidates(cfg, lm, seeds, rng, round_no, journal)
+            elif cfg.method == "self_instruct":
+                candidates, quarantine, replies = _si_candidates(cfg, lm, seed_texts, machine, rng, round_no, journal)
             else:
-                machine = [r["instruction"] for r in kept]
                 candidates, quarantine, replies = _single_candidates(cfg, lm, seed_texts, machine, rng, round_no, journal)
 
             survivors = []
+            round_kinds: dict[str, int] = {}  # self_instruct: classification or generation tasks
             this_round = NoveltyFilter(cfg.max_rouge_l, frequencies)  # candidates kept so far this round
             round_texts: list[str] = []
             for cid, task in candidates:
@@ -360,6 +457,11 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             for cid, task in survivors[need:]:
                 quarantine.append({"id": cid, **task, "reason": "surplus: target already reached"})
             survivors = survivors[:need]
+            if cfg.method == "self_instruct":
+                survivors, lost, more, kinds = _si_instances(cfg, lm, seeds, survivors, round_no, journal)
+                quarantine += lost
+                replies += more
+                round_kinds = kinds
             if cfg.method == "single":
                 survivors, lost, more = _single_instances(cfg, lm, seeds, survivors, round_no, journal)
                 quarantine += lost
@@ -381,6 +483,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
                     "lang": "en",
                     "split": "heldout" if stable_unit(cid) < cfg.heldout_fraction else "train",
                     "source": "self_instruct",
+                    **({"is_classification": task["is_classification"]} if "is_classification" in task else {}),
                 }
                 for cid, task in survivors
             ]
@@ -394,11 +497,13 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             # the round marker is written last: its presence means the round is complete
             out.write_json(
                 f"rounds/{round_no:05d}.json",
-                {"kept": len(records), "quarantined": len(quarantine), "tokens": tokens, "usage": round_usage},
+                {"kept": len(records), "quarantined": len(quarantine), "tokens": tokens, "usage": round_usage, "task_kinds": round_kinds},
             )
             journal.remove()
             kept.extend(records)
             n_quarantined += len(quarantine)
+            for k, v in round_kinds.items():
+                task_kinds[k] = task_kinds.get(k, 0) + v
             for k in usage:
                 usage[k] += round_usage[k]
             bar.update(min(len(records), max(0, cfg.num_instructions - bar.n)))
@@ -425,6 +530,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         quarantined=n_quarantined,
         rounds=round_no,
         quarantine_reasons=reasons,
+        **({"task_kinds": task_kinds} if task_kinds else {}),
         **{f"records_{k}": v for k, v in splits.items()},
     )
     out.summary = (

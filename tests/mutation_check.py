@@ -31,6 +31,9 @@ mutations = {
   "truncated drops every item": ("if truncated and i == len(items) - 1:", "if truncated:"),
   "truncated ignored": ("if truncated and i == len(items) - 1:", "if False:"),
   "field order unchecked": (' or [p for p in parts[1::2]] != ["Instruction", "Input", "Output"]', ""),
+  "unclear classification read as no": ('return True if word == "yes" else False if word == "no" else None', 'return word == "yes"'),
+  "truncated instance kept": ("        if truncated and i == len(pieces) - 1:\n            bad += 1\n            continue\n", ""),
+  "label-first reply without labels parsed": ('        if "Class label:" not in reply:\n            return [], int(bool(reply.strip()))\n', ""),
   "instruction whitespace kept": ('out.append(({"instruction": _one_line(parts[2])', 'out.append(({"instruction": parts[2].strip()'),
 }
 

@@ -142,3 +142,119 @@ def parse_alpaca(reply: str, first: int, truncated: bool) -> list[tuple[dict[str
 
 def _one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+# -- Self-Instruct (the original) ---------------------------------------------------------------
+
+SI_LIST_HEAD = "A numbered list of varied tasks that people ask an AI assistant to do:"
+
+
+def si_list_prompt(instructions: Sequence[str]) -> tuple[str, int]:
+    """The instruction-generation prompt (8 in-context instructions, the model continues the
+    numbering) and the number of the first new one."""
+    lines = [SI_LIST_HEAD] + [f"{n}. {_one_line(text)}" for n, text in enumerate(instructions, 1)]
+    first = len(instructions) + 1
+    lines.append(f"{first}.")
+    return "\n".join(lines), first
+
+
+def si_list_stop(last: int = 15) -> tuple[str, ...]:
+    """The list ends at a blank line or before item `last + 1`."""
+    return ("\n\n", f"\n{last + 1}.", f"{last + 1} .")
+
+
+def parse_si_list(reply: str, truncated: bool) -> list[tuple[str | None, str, str | None]]:
+    """The instructions in one reply: (instruction or None, raw item, problem or None)."""
+    items = re.split(r"\n\d+\s?\.\s", "\n0. " + reply.lstrip())[1:]
+    out: list[tuple[str | None, str, str | None]] = []
+    for i, item in enumerate(items):
+        if truncated and i == len(items) - 1:
+            out.append((None, item, "truncated: the last instruction was cut by the token budget"))
+            continue
+        text = _one_line(item)
+        if text:
+            out.append((text, item, None))
+    return out
+
+
+CLF_HEAD = (
+    "For each task, answer whether it is a classification task: a task whose answer is one "
+    "label taken from a small, fixed set of labels."
+)
+
+
+def clf_prompt(examples: Sequence[dict], instruction: str) -> str:
+    """Few-shot: is this task a classification task? `examples` carry `is_classification`."""
+    parts = [CLF_HEAD]
+    for task in examples:
+        parts.append(f"Task: {_one_line(task['instruction'])}\nClassification task? {'Yes' if task.get('is_classification') else 'No'}")
+    parts.append(f"Task: {_one_line(instruction)}\nClassification task?")
+    return "\n\n".join(parts)
+
+
+def parse_clf(reply: str) -> bool | None:
+    word = (reply.strip().split() or [""])[0].strip(".,:;!").lower()
+    return True if word == "yes" else False if word == "no" else None
+
+
+GEN_HEAD = (
+    "Write examples for each task below. Give several examples when the task allows it. When a "
+    "task needs no further input, write only the output."
+)
+CLF_INSTANCE_HEAD = (
+    "For each classification task below, first name one of its class labels and then write an "
+    "input that belongs to that label; do this for several labels. When a task needs no input, "
+    "give only the label."
+)
+
+
+def instance_prompt(examples: Sequence[dict], instruction: str, classification: bool) -> str:
+    """Instance generation as Self-Instruct did it: input first for a generation task, the
+    class label first for a classification task. `examples` are seed tasks of the same kind."""
+    parts = [CLF_INSTANCE_HEAD if classification else GEN_HEAD]
+    for task in examples:
+        instances = task.get("instances") or []
+        block = [f"Task: {_one_line(task['instruction'])}"]
+        if classification:
+            for inst in instances:
+                block.append(f"Class label: {inst['output']}" + (f"\nInput: {inst['input']}" if inst.get("input") else ""))
+        elif all(not inst.get("input") for inst in instances):
+            block += [f"Output: {inst['output']}" for inst in instances[:1]]
+        else:
+            for n, inst in enumerate(instances, 1):
+                block.append(f"Example {n}\nInput: {inst.get('input', '')}\nOutput: {inst['output']}")
+        parts.append("\n".join(block))
+    parts.append(f"Task: {_one_line(instruction)}\n")
+    return "\n\n".join(parts)
+
+
+INSTANCE_STOP = ("\nTask:", "Task:")
+
+
+def parse_instances(reply: str, classification: bool, truncated: bool) -> tuple[list[tuple[str, str]], int]:
+    """(input, output) pairs from an instance reply, and how many pieces did not parse (a
+    truncated last piece counts as not parsed)."""
+    if classification:
+        if "Class label:" not in reply:
+            return [], int(bool(reply.strip()))
+        pieces = [p for p in re.split(r"(?:^|\n)\s*Class label:", reply) if p.strip()]
+    elif re.search(r"(?:^|\n)\s*Example\s+\d+", reply):
+        pieces = [p for p in re.split(r"(?:^|\n)\s*Example\s+\d+\s*:?", reply) if p.strip()]
+    else:
+        pieces = [reply] if reply.strip() else []
+    pairs, bad = [], 0
+    for i, piece in enumerate(pieces):
+        if truncated and i == len(pieces) - 1:
+            bad += 1
+            continue
+        if classification:
+            label, _, rest = piece.strip().partition("\n")
+            m = re.match(r"\s*Input:\s*(.*)", rest, flags=re.S)
+            pairs.append(((m.group(1).strip() if m else rest.strip()), label.strip()))
+            continue
+        m = re.match(r"\s*(?:Input:\s*(.*?)\s*\n)?\s*Output:\s*(.*)", piece, flags=re.S)
+        if not m:
+            bad += 1
+            continue
+        pairs.append(((m.group(1) or "").strip(), m.group(2).strip()))
+    return pairs, bad

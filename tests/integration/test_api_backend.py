@@ -302,3 +302,65 @@ def test_alpaca_method_parses_lists_and_counts_every_drop(server, env, tmp_path)
     assert art.metrics["records"] + art.metrics["quarantined"] == 2 * 8
     card = art.read_bytes("README.md").decode()
     assert "method: alpaca" in card and "blocked word 'draw'" in card
+
+
+SI_TASKS = [
+    "Classify the tone of the customer email as angry or calm.",  # classification
+    "Describe how a sundial tells the time.",  # generation, several instances
+    "Explain a tricky sum to a pupil.",  # its instances disagree: 2 + 2 is 4 and 5
+    "Copy the sentence exactly as it is.",  # its only instance has input equal to output
+    "Draw a cat on the page.",  # blocked word
+]
+
+
+def _si_teacher(key: str, body: dict, chat: bool) -> str | None:
+    """A hosted teacher for the original Self-Instruct method: a list continuing the prompt's
+    numbering, a yes/no classification answer, then instances label-first or input-first."""
+    if chat:
+        return None
+    prompt = body["prompt"]
+    if "/list/" in key:
+        i = int(key.rsplit("/", 1)[1])
+        if i:  # one list is enough; the other request repeats a seed instruction
+            return " Summarize the following paragraph in one sentence."
+        return " " + "\n".join(f"{9 + k}. {t}" if k else t for k, t in enumerate(SI_TASKS))
+    task = prompt.rsplit("Task: ", 1)[1].split("\n", 1)[0]
+    if "/classification/" in key:
+        return " Yes" if task.startswith("Classify") else " No"
+    if "/instances/" in key:
+        if task.startswith("Classify"):
+            return "Class label: angry\nInput: This is the third time I write!\n\nClass label: calm\nInput: Thanks for the quick reply."
+        if task.startswith("Describe"):
+            return "Output: The shadow of the gnomon falls on the hour marks as the sun moves."
+        if task.startswith("Explain"):
+            return "Example 1\nInput: 2 + 2\nOutput: 4\n\nExample 2\nInput: 2 + 2\nOutput: 5"
+        return "Example 1\nInput: Hello there.\nOutput: Hello there."
+    return None
+
+
+def test_self_instruct_method_classifies_and_writes_instances(server, env, tmp_path):
+    store = str(tmp_path / "store")
+    sets = _sets(server, "self_instruct.method=self_instruct", "self_instruct.round_size=2", "self_instruct.max_rounds=1",
+                 "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.keep_truncated=false")
+    server.script = _si_teacher
+    try:
+        proc = cli("stage", "self_instruct", str(API), "--store", store, *sets, env=env)
+    finally:
+        server.script = None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
+    art = pipe.store.open("self_instruct", pipe.fingerprints()["self_instruct"])
+    kept = {r["instruction"]: r for r in art.records("data/*.jsonl")}
+    assert set(kept) == set(SI_TASKS[:2])
+    clf = kept[SI_TASKS[0]]
+    assert clf["is_classification"] is True and (clf["input"], clf["output"]) == ("This is the third time I write!", "angry")
+    gen = kept[SI_TASKS[1]]
+    assert gen["is_classification"] is False and gen["input"] == "" and gen["output"].startswith("The shadow")
+    assert art.metrics["task_kinds"] == {"classification": 1, "generation": 3, "classification_unclear": 0}
+    reasons = art.metrics["quarantine_reasons"]
+    assert reasons == {
+        "one input with different outputs": 1,
+        "no valid instance (input equals output)": 1,
+        "blocked word 'draw'": 1,
+        "ROUGE-L": 1,
+    }

@@ -113,3 +113,50 @@ def test_alpaca_parser_wants_the_fields_in_order():
     swapped = " Do a thing now please.\n4. Output:\nx\n4. Input:\ny\n"
     [(task, _, problem)] = parse_alpaca(swapped, 4, truncated=False)
     assert task is None and problem.startswith("unparseable")
+
+
+def test_self_instruct_list_prompt_and_parser():
+    from polyalign.stages.core.tasks import parse_si_list, si_list_prompt, si_list_stop
+
+    prompt, first = si_list_prompt([f"Task number {n} to do" for n in range(1, 9)])
+    assert first == 9 and prompt.endswith("\n8. Task number 8 to do\n9.")
+    assert "\n\n" in si_list_stop() and "\n16." in si_list_stop()
+    reply = " Suggest a name for a\n  bakery.\n10. List two prime numbers.\n11 . Explain tides to a child.\n12. Describe a rainy"
+    items = parse_si_list(reply, truncated=False)
+    assert [t for t, _, _ in items] == ["Suggest a name for a bakery.", "List two prime numbers.", "Explain tides to a child.", "Describe a rainy"]
+    cut = parse_si_list(reply, truncated=True)
+    assert [t for t, _, _ in cut][:3] == ["Suggest a name for a bakery.", "List two prime numbers.", "Explain tides to a child."]
+    assert cut[3][0] is None and cut[3][2].startswith("truncated")
+
+
+def test_classification_prompt_and_answer():
+    from polyalign.stages.core.tasks import clf_prompt, parse_clf
+
+    prompt = clf_prompt([{"instruction": "Is the review positive?", "is_classification": True}, {"instruction": "Write a haiku.", "is_classification": False}], "Sort the words.")
+    assert "Task: Is the review positive?\nClassification task? Yes" in prompt and "Task: Write a haiku.\nClassification task? No" in prompt
+    assert prompt.endswith("Task: Sort the words.\nClassification task?")
+    assert parse_clf(" Yes") is True and parse_clf("no.") is False and parse_clf(" Maybe") is None and parse_clf("") is None
+
+
+def test_instances_are_written_input_first_or_label_first():
+    from polyalign.stages.core.tasks import instance_prompt
+
+    gen = instance_prompt([{"instruction": "Add the numbers.", "instances": [{"input": "2 3", "output": "5"}, {"input": "1 1", "output": "2"}]}], "Reverse the word.", False)
+    assert "Task: Add the numbers.\nExample 1\nInput: 2 3\nOutput: 5\nExample 2\nInput: 1 1\nOutput: 2" in gen
+    assert gen.endswith("Task: Reverse the word.\n")
+    clf = instance_prompt([{"instruction": "Is the review positive?", "instances": [{"input": "Great!", "output": "Yes"}]}], "Is it a fruit?", True)
+    assert "Task: Is the review positive?\nClass label: Yes\nInput: Great!" in clf  # the label comes first
+
+
+def test_instance_parser():
+    from polyalign.stages.core.tasks import parse_instances
+
+    gen = "Example 1\nInput: cat\nOutput: tac\n\nExample 2\nInput: dog\nOutput: god\nExample 3\nInput: owl"
+    assert parse_instances(gen, False, truncated=False) == ([("cat", "tac"), ("dog", "god")], 1)
+    assert parse_instances(gen, False, truncated=True) == ([("cat", "tac"), ("dog", "god")], 1)
+    assert parse_instances("Output: Bonjour.", False, truncated=False) == ([("", "Bonjour.")], 0)
+    assert parse_instances("no fields at all", False, truncated=False) == ([], 1)
+    clf = "Class label: Positive\nInput: I loved it.\n\nClass label: Negative\nInput: Broken on arrival."
+    assert parse_instances(clf, True, truncated=False) == ([("I loved it.", "Positive"), ("Broken on arrival.", "Negative")], 0)
+    assert parse_instances(clf, True, truncated=True) == ([("I loved it.", "Positive")], 1)
+    assert parse_instances("Input: text without labels", True, truncated=False) == ([], 1)
