@@ -273,18 +273,24 @@ def _alpaca_teacher(key: str, body: dict, chat: bool) -> str | tuple[str, str] |
     return (text[: text.rfind("Output:")], "length") if i == 0 else text
 
 
-def test_alpaca_method_parses_lists_and_counts_every_drop(server, env, tmp_path):
+def _self_instruct_with(server, env, tmp_path, method: str, script):  # noqa: ANN001, ANN202
+    """Run the self_instruct stage of tiny-api.yaml with `method`, the server answering
+    through `script`, with the published filter settings; return the artifact."""
     store = str(tmp_path / "store")
-    sets = _sets(server, "self_instruct.method=alpaca", "self_instruct.round_size=2", "self_instruct.max_rounds=1",
+    sets = _sets(server, f"self_instruct.method={method}", "self_instruct.round_size=2", "self_instruct.max_rounds=1",
                  "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.keep_truncated=false")
-    server.script = _alpaca_teacher
+    server.script = script
     try:
         proc = cli("stage", "self_instruct", str(API), "--store", store, *sets, env=env)
     finally:
         server.script = None
     assert proc.returncode == 0, proc.stderr[-3000:]
     pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
-    art = pipe.store.open("self_instruct", pipe.fingerprints()["self_instruct"])
+    return pipe.store.open("self_instruct", pipe.fingerprints()["self_instruct"])
+
+
+def test_alpaca_method_parses_lists_and_counts_every_drop(server, env, tmp_path):
+    art = _self_instruct_with(server, env, tmp_path, "alpaca", _alpaca_teacher)
     kept = {r["instruction"]: r for r in art.records("data/*.jsonl")}
     expected = {a: (b, c) for i in (0, 1) for a, b, c in _good_tasks(i)}
     expected["Predict odd uses of desert cities in history."] = ("<noinput>", "A list.")  # request 1 only
@@ -339,17 +345,7 @@ def _si_teacher(key: str, body: dict, chat: bool) -> str | None:
 
 
 def test_self_instruct_method_classifies_and_writes_instances(server, env, tmp_path):
-    store = str(tmp_path / "store")
-    sets = _sets(server, "self_instruct.method=self_instruct", "self_instruct.round_size=2", "self_instruct.max_rounds=1",
-                 "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.keep_truncated=false")
-    server.script = _si_teacher
-    try:
-        proc = cli("stage", "self_instruct", str(API), "--store", store, *sets, env=env)
-    finally:
-        server.script = None
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
-    art = pipe.store.open("self_instruct", pipe.fingerprints()["self_instruct"])
+    art = _self_instruct_with(server, env, tmp_path, "self_instruct", _si_teacher)
     kept = {r["instruction"]: r for r in art.records("data/*.jsonl")}
     assert set(kept) == set(SI_TASKS[:2])
     clf = kept[SI_TASKS[0]]
