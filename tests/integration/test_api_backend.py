@@ -7,6 +7,7 @@ the run with one line before any stage starts."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -360,3 +361,77 @@ def test_self_instruct_method_classifies_and_writes_instances(server, env, tmp_p
         "blocked word 'draw'": 1,
         "ROUGE-L": 1,
     }
+
+
+CODE = "```python\ndef add(a, b):\n\n    return a + b\n```"
+TR_TASKS = [  # (instruction, input, output) written by the scripted teacher
+    ("Explain what this function does, then show how to call it.", CODE, f"It adds two numbers.\n\nCall it like this:\n\n{CODE}\n\nThe result of add(2, 3) is 5."),
+    ("Write a polite reply to the customer at support@example.com about order 4512.", "<noinput>", "Dear customer, your order 4512 ships on Monday; see https://shop.example.com/orders for details."),
+    ("Describe a quiet morning in the mountains DROPMARKERS on 3 May.", "<noinput>", "The valley was silent at 6 am."),
+    ("Summarize the story of the old lighthouse ECHO keeper.", "<noinput>", "An old keeper kept the light burning for forty years."),
+    ("Give advice to a nervous speaker before LOOPING a big talk.", "<noinput>", "Breathe slowly and know your first sentence by heart."),
+]
+
+
+def _translating_teacher(key: str, body: dict, chat: bool) -> str | tuple[str, str] | None:
+    """A hosted model that writes the tasks above (Alpaca list) and translates into French:
+    as many French words as the English has, then the markers in order; or, where the source
+    says so, the markers dropped, the English echoed, or a loop."""
+    if chat:
+        return None
+    prompt = body["prompt"]
+    if "/tasks/" in key:
+        if not key.endswith("/000"):
+            return ""
+        first = int(prompt.rsplit("###\n", 1)[1].split(".", 1)[0])
+        blocks = [f"{first + k}. Instruction: {a}\n{first + k}. Input:\n{b}\n{first + k}. Output:\n{c}" for k, (a, b, c) in enumerate(TR_TASKS)]
+        return "\n###\n".join(blocks)[len(f"{first}. Instruction:"):]
+    source = prompt.rsplit("English: ", 1)[1].rsplit("\nFrench:", 1)[0]
+    markers = " ".join(re.findall(r"\[\[\d+\]\]", source))
+    if "DROPMARKERS" in source:
+        return " Voici une phrase française sans aucun des repères du texte anglais."
+    if "ECHO" in source:
+        return " " + source
+    if "LOOPING" in source:
+        return " " + "encore et " * 12
+    prose = re.sub(r"\[\[\d+\]\]", " ", source).split()
+    words = [FRENCH[n % len(FRENCH)] for n in range(len(prose))]
+    return " " + " ".join(words) + (" " + markers if markers else "") + "."
+
+
+FRENCH = "le chat dort sur la chaise pendant que nous parlons de la ville et du temps qu'il fait".split()
+
+
+def test_translation_masks_spans_keeps_paragraphs_and_quarantines_by_check(server, env, tmp_path):
+    store = str(tmp_path / "store")
+    sets = _sets(server, "self_instruct.method=alpaca", "self_instruct.round_size=1", "self_instruct.max_rounds=1",
+                 "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.heldout_fraction=0",
+                 "translate.checks=[language, echo, length, repetition]", "translate.min_length_ratio=null",
+                 "translate.max_length_ratio=null", "translate.max_new_tokens=200", "languages=[fr]",
+                 "preferences.languages=[fr]", "evaluate.languages=[en, fr]")
+    server.script = _translating_teacher
+    try:
+        proc = cli("run", str(API), "--until", "translate", "--store", store, *sets, env=env)
+    finally:
+        server.script = None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
+    art = pipe.store.open("translate", pipe.fingerprints()["translate"])
+    kept = {r["src_id"]: r for r in art.records("data/fr/*.jsonl")}
+    quarantined = art.records("quarantine/fr/*.jsonl")
+    assert len(kept) == 2 and len(quarantined) == 3, [q["reason"] for q in quarantined]
+    code_row = next(r for r in kept.values() if "```" in r["output"])
+    # the code block comes back verbatim, the paragraphs keep their separators
+    assert code_row["input"] == CODE
+    assert code_row["output"].count(CODE) == 1 and code_row["output"].count("\n\n") == CODE.count("\n\n") + 3
+    mail_row = next(r for r in kept.values() if "support@example.com" in r["instruction"])
+    assert "4512" in mail_row["instruction"] and "https://shop.example.com/orders" in mail_row["output"]
+    reasons = {q["reason"] for q in quarantined}
+    assert any("lost in translation" in r for r in reasons), reasons
+    assert any("untranslated" in r or "language identified as en" in r for r in reasons), reasons
+    assert any("repetition loop" in r for r in reasons), reasons
+    by_reason = art.metrics["quarantine_reasons"]["fr"]
+    assert sum(by_reason.values()) >= 3 and 0.5 < art.metrics["length_ratio"]["fr"] < 3
+    card = art.read_bytes("README.md").decode()
+    assert "fr: 2 kept, 3 quarantined" in card and "masked during translation" in card
+    print("restored code block in a translated output:\n" + code_row["output"])

@@ -44,12 +44,17 @@ def test_self_instruct_seed_file_from_shared_data_loads():
     assert len(seeds) == 175
 
 
-def test_translation_quality_filters():
+def test_translation_checks_read_the_prose_of_a_field():
     cfg = translate.Config(model="m", languages=["fr"])
-    assert translate._problem("Hello there friend", "", cfg) == "empty translation"
-    assert translate._problem("Hello there friend", "hello there, friend!", cfg).startswith("untranslated")
-    assert "length ratio" in translate._problem("A fairly long English sentence here.", "Oui", cfg)
-    assert translate._problem("Close the window please.", "Fermez la fenêtre, s'il vous plaît.", cfg) is None
+    assert translate._problems("Hello there friend", "", "fr", cfg) == ["empty translation"]
+    assert translate._problems("Hello there friend", "hello there, friend!", "fr", cfg)[0].startswith("untranslated")
+    assert "length ratio" in translate._problems("A fairly long English sentence here.", "Oui", "fr", cfg)[0]
+    assert translate._problems("Close the window please, it is cold.", "Fermez la fenêtre, s'il vous plaît, il fait froid.", "fr", cfg) == []
+    # markers (masked code) count neither in the ratio nor in the language check
+    assert translate._problems("Run [[1]] now and then tell me what it prints.", "Exécutez [[1]] puis dites-moi ce qu'il affiche.", "fr", cfg) == []
+    assert translate._problems("[[1]]", "[[1]]", "fr", cfg) == []  # nothing was translated: nothing to judge
+    only_two = translate.Config(model="m", languages=["fr"], checks=["echo", "length"])
+    assert translate._problems("Write a short story about the sea.", "Write a short story about the sea, please!", "fr", only_two) == []
 
 
 def test_translate_rejects_english_target():
