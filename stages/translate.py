@@ -32,6 +32,8 @@ INPUTS = {"data": "English instruction records (self_instruct)"}
 FIELDS = ("instruction", "input", "output")
 Check = Literal["language", "echo", "length", "repetition"]
 ALL_CHECKS: tuple[Check, ...] = ("language", "echo", "length", "repetition")
+MaskKind = Literal["code", "url", "email", "placeholder", "number"]
+ALL_MASKS: tuple[MaskKind, ...] = ("code", "url", "email", "placeholder", "number")
 
 
 class Config(StageConfig):
@@ -49,7 +51,12 @@ class Config(StageConfig):
         description="Quality checks that quarantine a record: language (offline language identification and "
         "script), echo (the English source repeated), length (ratio bounds), repetition (loops).",
     )
-    mask: bool = Field(True, description="Mask code, URLs, e-mail addresses, {placeholders} and numbers during translation.")
+    mask: list[MaskKind] = Field(
+        default_factory=lambda: list(ALL_MASKS),
+        description="What is masked during translation and restored after: code blocks and inline code, URLs, "
+        "e-mail addresses, {placeholders}, numbers ([] masks nothing). A translator that drops markers "
+        "loses the record to quarantine: leave out what it translates faithfully anyway.",
+    )
     keep_truncated: bool = Field(
         False,
         description="Keep a field whose translation hit max_new_tokens (default: quarantine the "
@@ -138,7 +145,7 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
     from tqdm.auto import tqdm
 
     from polyalign.stages.core.backends import Request, run as generate, usage_of
-    from polyalign.stages.core.masking import Masked, join, mask, only_markers, paragraphs, restore
+    from polyalign.stages.core.masking import join, mask, only_markers, paragraphs, restore
 
     records = _source_records(inputs)
     n_shards = (len(records) + cfg.shard_size - 1) // cfg.shard_size
@@ -162,7 +169,7 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
                 for f in FIELDS:
                     if not r.get(f, "").strip():
                         continue
-                    masked = mask(r[f]) if cfg.mask else Masked(r[f], (), ())
+                    masked = mask(r[f], cfg.mask)
                     paras, seps = paragraphs(masked.text)
                     plans[(r["id"], f)] = (masked, paras, seps)
                     for n, para in enumerate(paras):
@@ -270,8 +277,8 @@ def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         models=out.models,
         provenance=[f"source: self_instruct artifact {inputs['data'].fingerprint[:12]}", f"{cfg.shots}-shot prompt per language, greedy decoding"],
         filters=[
-            ("code blocks, inline code, URLs, e-mail addresses, {placeholders} and numbers masked during translation "
-             "and restored after (a failed restoration quarantines the record)") if cfg.mask else "nothing masked",
+            (f"masked during translation and restored after: {', '.join(cfg.mask)} (a failed restoration quarantines "
+             "the record)") if cfg.mask else "nothing masked during translation",
             "fields translated paragraph by paragraph; empty or truncated translations are quarantined",
             f"checks: {', '.join(cfg.checks)}"
             + (" (language: lingua-language-detector where it knows the language, and the script)" if "language" in cfg.checks else ""),

@@ -14,6 +14,7 @@ translated whole, not cut at the first blank line.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MARKER = re.compile(r"\[\[(\d+)\]\]")
@@ -35,9 +36,21 @@ class Masked:
     kinds: tuple[str, ...]
 
 
-def mask(text: str) -> Masked:
+# what a config names -> the kinds of span it masks
+GROUPS: dict[str, tuple[str, ...]] = {
+    "code": ("code block", "inline code"), "url": ("url",), "email": ("e-mail",),
+    "placeholder": ("placeholder",), "number": ("number",),
+}
+
+
+def mask(text: str, groups: Sequence[str] = tuple(GROUPS)) -> Masked:
+    """`text` with the spans of the chosen `groups` (all by default) masked; text that already
+    looks like a marker is always masked."""
+    wanted = {"marker-like text"} | {kind for g in groups for kind in GROUPS[g]}
     taken: list[tuple[int, int, str]] = []
     for kind, pattern in KINDS:
+        if kind not in wanted:
+            continue
         for m in pattern.finditer(text):
             if m.end() > m.start() and not any(m.start() < e and s < m.end() for s, e, _ in taken):
                 taken.append((m.start(), m.end(), kind))

@@ -65,3 +65,11 @@ def test_a_code_block_with_blank_lines_stays_one_paragraph_after_masking():
     paras, _ = paragraphs(m.text)
     assert paras == ["Fix this:", "[[1]]", "Then explain."]
     assert only_markers(paras[1]) and not only_markers(paras[0])
+
+
+def test_masking_only_the_chosen_kinds():
+    text = "Email ana@example.com the 3 files from `ls` at {when}."
+    assert mask(text, ["number"]).originals == ("3",)
+    assert mask(text, ["email", "code"]).originals == ("ana@example.com", "`ls`")
+    assert mask(text, []).text == text
+    assert mask("Keep [[2]] and 5", []).originals == ("[[2]]",)  # marker-like text always
