@@ -406,7 +406,8 @@ def test_translation_masks_spans_keeps_paragraphs_and_quarantines_by_check(serve
     store = str(tmp_path / "store")
     sets = _sets(server, "self_instruct.method=alpaca", "self_instruct.round_size=1", "self_instruct.max_rounds=1",
                  "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.heldout_fraction=0",
-                 "translate.checks=[language, echo, length, repetition]", "translate.min_length_ratio=null",
+                 "translate.checks=[language, echo, length, repetition]", "translate.mask=[code, url, email, placeholder, number]",
+                 "translate.min_length_ratio=null",
                  "translate.max_length_ratio=null", "translate.max_new_tokens=200", "languages=[fr]",
                  "preferences.languages=[fr]", "evaluate.languages=[en, fr]")
     server.script = _translating_teacher
