@@ -164,7 +164,7 @@ class NoveltyFilter:
         near = list(found)
         self.scored += len(near)
         t = self.threshold
-        _, hi = self._length_range(m)
+        hi = self._length_range(m)[1]
         # Indel distance = m + n - 2L and F1 = 2L / (m + n) > t need distance < (m + n)(1 - t);
         # with n at most `hi`, a larger distance can never pass (rapidfuzz skips those pairs,
         # and those whose lengths alone rule them out, in compiled code)

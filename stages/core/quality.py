@@ -44,6 +44,7 @@ LINGUA_NAMES: dict[str, str] = {
 }
 
 
+_CODES = {name: code for code, name in LINGUA_NAMES.items()}
 # lingua's Serbian model reads Cyrillic; Serbian in Latin letters it calls Croatian
 ALSO_ACCEPTED: dict[str, set[str]] = {"sr": {"hr"}}
 
@@ -87,9 +88,8 @@ def _detector() -> Any:
 
 def detect(text: str) -> str | None:
     """The language code lingua finds most likely, or None when it cannot say."""
-    names = {v: k for k, v in LINGUA_NAMES.items()}
     found = _detector().detect_language_of(text)
-    return names.get(found.name) if found is not None else None
+    return _CODES.get(found.name) if found is not None else None
 
 
 def wrong_language(text: str, lang: str) -> str | None:
