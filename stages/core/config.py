@@ -88,7 +88,11 @@ def _walk_refs(model: BaseModel, prefix: str, out: dict[str, str], local_only: b
         path = f"{prefix}{name}"
         extra = _extra(model, name)
         if extra.get(_MODEL_REF):
-            if value is not None and not (local_only and extra.get(_REMOTE_OK)):
+            if value is None or (local_only and extra.get(_REMOTE_OK)):
+                continue
+            if isinstance(value, dict):  # a table of models, e.g. one per language
+                out.update({f"{path}.{key}": name for key, name in value.items()})
+            else:
                 out[path] = value
         elif isinstance(value, BaseModel):
             _walk_refs(value, path + ".", out, local_only)

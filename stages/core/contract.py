@@ -68,6 +68,19 @@ class Inputs:
         path = None if spec.remote else self.model(name)
         return open_backend(name, spec, path, adapters, batch_size=batch_size, progress=progress)
 
+    def translator(
+        self, name: str, source: str, target: str, declared: str | None = None, batch_size: int = 8, num_beams: int = 1
+    ) -> AbstractContextManager[Any]:
+        """A machine-translation backend (`core.backends.mt`) for model `name`, translating
+        `source` -> `target` (`declared`: the target a single-pair model was configured for)."""
+        from polyalign.stages.core.backends.mt import open_mt
+        from polyalign.stages.core.errors import UserError
+
+        spec = self.spec(name)
+        if spec.remote:
+            raise UserError(f"models.{name}: backend mt runs a sequence-to-sequence model here; an API model translates with backend: llm")
+        return open_mt(name, self.model(name), spec.dtype, source, target, declared, batch_size=batch_size, num_beams=num_beams, progress=False)
+
     def priced(self, name: str, usage: dict[str, int]) -> dict[str, Any]:
         """`usage` of model `name` with its cost where the config gives a price table."""
         api = self.spec(name).openai if self._model_spec is not None else None

@@ -345,6 +345,11 @@ def load_pipeline(
                     f"{where}.{field_path}: models.{model_name} is served over HTTP (openai), but this "
                     "field needs local weights (training, adapters or log-likelihoods); name a local model"
                 )
+        check_specs = getattr(module, "check_model_specs", None)
+        if check_specs is not None:
+            problem = check_specs(cfg, header.models)
+            if problem:
+                raise ConfigError(f"{where}.{problem}")
         check_inputs = getattr(module, "check_inputs", None)
         if check_inputs is not None:
             problem = check_inputs(set(inputs))

@@ -59,9 +59,31 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
-    lines = [json.dumps(r, ensure_ascii=False, sort_keys=True) for r in records]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-    return len(lines)
+    """Write records one line each as they come (a generator is never held in memory whole);
+    the file appears complete or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return n
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-empty line, read one line at a time."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                yield i, json.loads(line)
 
 
 def parse_jsonl(data: bytes) -> list[dict[str, Any]]:
@@ -197,6 +219,29 @@ class Artifact:
                 raise self._corrupt(f"{rel} is not valid JSONL ({exc})") from None
         return out
 
+    def iter_records(self, pattern: str) -> Iterator[dict[str, Any]]:
+        """The records of `records(pattern)`, one at a time: each file is checked against its
+        digest first (streamed, remembered per process), then parsed line by line, so memory
+        stays bounded however many records there are."""
+        for rel in self.listed(pattern):
+            self._verify(rel)
+            try:
+                for _, row in iter_jsonl(self.path / rel):
+                    yield row
+            except OSError as exc:
+                raise self._corrupt(f"{rel} cannot be read ({exc.strerror or exc})") from None
+            except ValueError as exc:
+                raise self._corrupt(f"{rel} is not valid JSONL ({exc})") from None
+
+    def count_records(self, pattern: str) -> int:
+        """How many records `iter_records(pattern)` yields, counted without parsing them."""
+        n = 0
+        for rel in self.listed(pattern):
+            self._verify(rel)
+            with open(self.path / rel, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+        return n
+
     def file(self, rel: str) -> Path:
         """The path of a listed file, or of a folder whose files are all listed (a model),
         after checking their digests. Checks are remembered per process while a file keeps
@@ -315,6 +360,17 @@ class ArtifactWriter:
                     raise self.unreadable(shard, f"record {i} is not an object with {', '.join(keys) or 'fields'}", marker=False)
             out.extend(rows)
         return out
+
+    def iter_records(self, pattern: str, keys: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """`records(pattern, keys)` one record at a time (bounded memory)."""
+        for shard in sorted(self.dir.glob(pattern)):
+            try:
+                for i, row in iter_jsonl(shard):
+                    if not isinstance(row, dict) or any(k not in row for k in keys):
+                        raise self.unreadable(shard, f"record {i} is not an object with {', '.join(keys) or 'fields'}", marker=False)
+                    yield row
+            except (OSError, ValueError) as exc:
+                raise self.unreadable(shard, _reason(exc), marker=False) from None
 
     def journal(self, name: str) -> "Journal":
         """The request journal `name` (see `Journal`), under `journal/` of the work folder."""

@@ -373,6 +373,32 @@ TR_TASKS = [  # (instruction, input, output) written by the scripted teacher
 ]
 
 
+def _scripted_translation(server: ModelServer, env: dict, store: str, script, *more: str):
+    """Self-Instruct (one Alpaca request) and translate into French with a scripted teacher;
+    the translate artifact."""
+    sets = _sets(server, "self_instruct.method=alpaca", "self_instruct.round_size=1", "self_instruct.max_rounds=1",
+                 "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.heldout_fraction=0",
+                 "translate.max_new_tokens=200", "languages=[fr]", "preferences.languages=[fr]",
+                 "evaluate.languages=[en, fr]", *more)
+    server.script = script
+    try:
+        proc = cli("run", str(API), "--until", "translate", "--store", store, *sets, env=env)
+    finally:
+        server.script = None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
+    return pipe.store.open("translate", pipe.fingerprints()["translate"])
+
+
+def _task_list(key: str, prompt: str, tasks: list[tuple[str, str, str]]) -> str:
+    """The Alpaca list of `tasks` continuing the prompt's numbering (first request only)."""
+    if not key.endswith("/000"):
+        return ""
+    first = int(prompt.rsplit("###\n", 1)[1].split(".", 1)[0])
+    blocks = [f"{first + k}. Instruction: {a}\n{first + k}. Input:\n{b}\n{first + k}. Output:\n{c}" for k, (a, b, c) in enumerate(tasks)]
+    return "\n###\n".join(blocks)[len(f"{first}. Instruction:"):]
+
+
 def _translating_teacher(key: str, body: dict, chat: bool) -> str | tuple[str, str] | None:
     """A hosted model that writes the tasks above (Alpaca list) and translates into French:
     as many French words as the English has, then the markers in order; or, where the source
@@ -381,11 +407,7 @@ def _translating_teacher(key: str, body: dict, chat: bool) -> str | tuple[str, s
         return None
     prompt = body["prompt"]
     if "/tasks/" in key:
-        if not key.endswith("/000"):
-            return ""
-        first = int(prompt.rsplit("###\n", 1)[1].split(".", 1)[0])
-        blocks = [f"{first + k}. Instruction: {a}\n{first + k}. Input:\n{b}\n{first + k}. Output:\n{c}" for k, (a, b, c) in enumerate(TR_TASKS)]
-        return "\n###\n".join(blocks)[len(f"{first}. Instruction:"):]
+        return _task_list(key, prompt, TR_TASKS)
     source = prompt.rsplit("English: ", 1)[1].rsplit("\nFrench:", 1)[0]
     markers = " ".join(re.findall(r"\[\[\d+\]\]", source))
     if "DROPMARKERS" in source:
@@ -404,20 +426,9 @@ FRENCH = "le chat dort sur la chaise pendant que nous parlons de la ville et du 
 
 def test_translation_masks_spans_keeps_paragraphs_and_quarantines_by_check(server, env, tmp_path):
     store = str(tmp_path / "store")
-    sets = _sets(server, "self_instruct.method=alpaca", "self_instruct.round_size=1", "self_instruct.max_rounds=1",
-                 "self_instruct.num_instructions=100", "self_instruct.min_words=4", "self_instruct.heldout_fraction=0",
-                 "translate.checks=[language, echo, length, repetition]", "translate.mask=[code, url, email, placeholder, number]",
-                 "translate.min_length_ratio=null",
-                 "translate.max_length_ratio=null", "translate.max_new_tokens=200", "languages=[fr]",
-                 "preferences.languages=[fr]", "evaluate.languages=[en, fr]")
-    server.script = _translating_teacher
-    try:
-        proc = cli("run", str(API), "--until", "translate", "--store", store, *sets, env=env)
-    finally:
-        server.script = None
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pipe = load_pipeline(API, sets[1::2], store=store, check_models=False)
-    art = pipe.store.open("translate", pipe.fingerprints()["translate"])
+    art = _scripted_translation(server, env, store, _translating_teacher, "translate.checks=[language, echo, length, repetition]",
+                                "translate.mask=[code, url, email, placeholder, number]", "translate.min_length_ratio=null",
+                                "translate.max_length_ratio=null")
     kept = {r["src_id"]: r for r in art.records("data/fr/*.jsonl")}
     quarantined = art.records("quarantine/fr/*.jsonl")
     assert len(kept) == 2 and len(quarantined) == 3, [q["reason"] for q in quarantined]
@@ -436,3 +447,45 @@ def test_translation_masks_spans_keeps_paragraphs_and_quarantines_by_check(serve
     card = art.read_bytes("README.md").decode()
     assert "fr: 2 kept, 3 quarantined" in card and "masked during translation" in card
     print("restored code block in a translated output:\n" + code_row["output"])
+
+
+RT_TASKS = [  # (instruction, input, output); DRIFT: the back-translation says something else
+    ("Describe the harbour at dawn in two sentences.", "<noinput>", "Boats rest on calm water while gulls wake the town."),
+    ("Suggest a name for a small bakery DRIFT by the river.", "<noinput>", "The Riverside Loaf would suit a bakery near the water."),
+    ("List three habits that help a student sleep well.", "<noinput>", "Keep a fixed bedtime, avoid screens late, and get morning light."),
+]
+
+
+def _round_trip_teacher(key: str, body: dict, chat: bool) -> str | None:
+    """Writes RT_TASKS (Alpaca list); 'translates' into French by spelling each word backwards
+    and back into English by spelling it forwards again, except a source with DRIFT, whose
+    back-translation is another sentence."""
+    if chat:
+        return None
+    prompt = body["prompt"]
+    if "/tasks/" in key:
+        return _task_list(key, prompt, RT_TASKS)
+    if prompt.endswith("\nFrench:"):  # English -> French
+        source = prompt.rsplit("English: ", 1)[1].rsplit("\nFrench:", 1)[0]
+        return " " + " ".join(w[::-1] for w in source.split())
+    source = prompt.rsplit("French: ", 1)[1].rsplit("\nEnglish:", 1)[0]  # French -> English
+    if "TFIRD" in source:
+        return " Quantum chromodynamics binds quarks with gluons."
+    return " " + " ".join(w[::-1] for w in source.split())
+
+
+def test_round_trip_chrf_quarantines_the_field_whose_back_translation_drifts(server, env, tmp_path):
+    store = str(tmp_path / "store")
+    art = _scripted_translation(server, env, store, _round_trip_teacher, "translate.round_trip_chrf=60", "translate.checks=[echo]")
+    kept = art.records("data/fr/*.jsonl")
+    quarantined = art.records("quarantine/fr/*.jsonl")
+    assert len(kept) == 2 and len(quarantined) == 1
+    assert "DRIFT"[::-1] in quarantined[0]["instruction"]
+    assert quarantined[0]["reason"].startswith("instruction: round-trip chrF") and "below 60" in quarantined[0]["reason"]
+    assert art.metrics["quarantine_reasons"]["fr"] == {"round-trip chrF N below N": 1}
+    # the kept fields came back word for word (chrF 100); the drifted one scored low
+    assert 70 < art.metrics["round_trip_chrf"]["fr"] < 100
+    back = {e["key"] for e in server.log if e.get("outcome") == "replied" and str(e.get("key")).endswith("/back")}
+    assert len(back) == 3 * 2, back  # instruction and output of each record went back into English
+    card = art.read_bytes("README.md").decode()
+    assert "mean round-trip chrF" in card and "fertility" in card
