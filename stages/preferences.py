@@ -19,7 +19,7 @@ from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
 
-VERSION = "2"
+VERSION = "3"
 OUTPUTS = ("metrics.json", "README.md", "data/*/*.jsonl")  # in every artifact of this stage
 INPUTS = {
     "data": "instruction records with a heldout split (translate)",
@@ -64,24 +64,41 @@ class Config(StageConfig):
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
 
 
+def _heldout_prompts(cfg: Config, inputs: Inputs) -> dict[str, list[dict]]:
+    """The first `prompts_per_language` held-out records of each language, in the order of its
+    files. A language's records are read one at a time and only until enough are found, and
+    other languages' files are not opened for it: memory and reading do not grow with the
+    size of the translated data."""
+    import itertools
+
+    from polyalign.stages.core.errors import UserError
+
+    data = inputs["data"]
+    present = sorted({rel.split("/")[1] for rel in data.listed("data/*/*.jsonl")})
+    wanted = [lang for lang in present if lang != "en" or cfg.include_english]
+    if cfg.languages:
+        wanted = [lang for lang in wanted if lang in cfg.languages or (cfg.include_english and lang == "en")]
+    by_lang: dict[str, list[dict]] = {}
+    for lang in wanted:
+        rows = (r for r in data.iter_records(f"data/{lang}/*.jsonl") if r.get("split") == "heldout")
+        by_lang[lang] = list(itertools.islice(rows, cfg.prompts_per_language))
+    have = [lang for lang, rows in by_lang.items() if rows]
+    absent = [lang for lang in cfg.languages if lang not in have]
+    if absent:
+        raise UserError(f"preferences.languages: no held-out prompts in {', '.join(absent)} (data has {', '.join(have) or 'none'})")
+    if not have:
+        raise RuntimeError("preferences: no held-out prompts in the requested languages")
+    return {lang: by_lang[lang] for lang in have}
+
+
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from tqdm.auto import tqdm
 
     from polyalign.stages.core.backends import Request, request_seed, run as generate, usage_of
     from polyalign.stages.core.training import user_message
 
-    rows = [r for r in inputs["data"].records("data/*/*.jsonl") if r.get("split") == "heldout"]
-    langs = sorted({r["lang"] for r in rows} - ({"en"} if not cfg.include_english else set()))
-    if cfg.languages:
-        absent = [lang for lang in cfg.languages if lang not in langs]
-        if absent:
-            from polyalign.stages.core.errors import UserError
-
-            raise UserError(f"preferences.languages: no held-out prompts in {', '.join(absent)} (data has {', '.join(langs) or 'none'})")
-        langs = [lang for lang in langs if lang in cfg.languages or (cfg.include_english and lang == "en")]
-    if not langs:
-        raise RuntimeError("preferences: no held-out prompts in the requested languages")
-    by_lang = {lang: sorted((r for r in rows if r["lang"] == lang), key=lambda r: r["id"])[: cfg.prompts_per_language] for lang in langs}
+    by_lang = _heldout_prompts(cfg, inputs)
+    langs = list(by_lang)
 
     adapter = str(inputs["policy"].file("model"))
     method = judge_method(cfg, inputs)

@@ -7,6 +7,9 @@ newest one. The artifact is the adapter (`model/`), loaded on top of the base mo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 from pydantic import Field, field_validator
 
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
@@ -14,7 +17,7 @@ from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
-VERSION = "1"
+VERSION = "2"
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"data": "instruction records in every language (translate)"}
 
@@ -31,32 +34,53 @@ class Config(StageConfig):
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
 
 
+def _train_rows(path: str) -> Iterator[dict]:
+    from polyalign.stages.core.store import iter_jsonl
+
+    for _, r in iter_jsonl(Path(path)):
+        if r.get("split", "train") == "train":
+            yield r
+
+
+def _examples(paths: list[str]) -> Iterator[dict]:
+    """Chat-formatted prompt/completion pairs of the training records in `paths`."""
+    from polyalign.stages.core.training import user_message
+
+    for path in paths:
+        for r in _train_rows(path):
+            yield {
+                "prompt": [{"role": "user", "content": user_message(r)}],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+
+
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
+    import shutil
+
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
-    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs, user_message
+    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
 
+    # only the files of the languages trained on are opened; records are streamed from them
+    # into an Arrow table on disk (bounded memory), in the order of the files
     langs = set(cfg.languages) | ({"en"} if cfg.include_english else set())
-    rows = [
-        r
-        for r in inputs["data"].records("data/*/*.jsonl")
-        if r.get("split", "train") == "train" and (not cfg.languages or r["lang"] in langs)
-        and (cfg.include_english or r["lang"] != "en")
+    art = inputs["data"]
+    files = [
+        rel for rel in art.listed("data/*/*.jsonl")
+        if (not cfg.languages or rel.split("/")[1] in langs) and (cfg.include_english or rel.split("/")[1] != "en")
     ]
-    if not rows:
+    paths = [str(art.file(rel)) for rel in files]  # each checked against its digest
+    per_lang: dict[str, int] = {}
+    for rel, path in zip(files, paths):
+        lang = rel.split("/")[1]
+        per_lang[lang] = per_lang.get(lang, 0) + sum(1 for _ in _train_rows(path))
+    n_rows = sum(per_lang.values())
+    if not n_rows:
         raise RuntimeError("sft: no training records after the language and split filters")
-    rows.sort(key=lambda r: r["id"])
-    data = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": user_message(r)}],
-                "completion": [{"role": "assistant", "content": r["output"]}],
-            }
-            for r in rows
-        ]
-    )
+    cache = out.path("dataset_cache")  # work space: removed before the artifact is committed
+    data = Dataset.from_generator(_examples, gen_kwargs={"paths": paths}, cache_dir=str(cache))
     path = inputs.model(cfg.model)
     tok = load_tokenizer(path, padding_side="right")
     model = load_causal_lm(path, dtype=inputs.model_dtype(cfg.model))
@@ -78,14 +102,13 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         tok.save_pretrained(str(out.path("model")))
 
     stats = train_resumable(trainer, ckpt_dir, save)
-    per_lang: dict[str, int] = {}
-    for r in rows:
-        per_lang[r["lang"]] = per_lang.get(r["lang"], 0) + 1
+    del trainer, data
+    shutil.rmtree(cache, ignore_errors=True)
     log_history = stats.pop("log_history")
     out.write_json("train_log.json", log_history)
-    out.metrics.update(stats, examples=len(rows), examples_per_language=per_lang)
+    out.metrics.update(stats, examples=n_rows, examples_per_language=per_lang)
     out.summary = (
-        f"SFT ({cfg.lora.method}, r={cfg.lora.r}) on {len(rows)} examples in {len(per_lang)} languages: "
+        f"SFT ({cfg.lora.method}, r={cfg.lora.r}) on {n_rows} examples in {len(per_lang)} languages: "
         f"{stats['global_step']} steps, loss {stats['first_logged_loss']} -> {stats['last_logged_loss']}, "
         f"{stats['trainable_params']:,} trainable parameters."
     )
