@@ -1,29 +1,61 @@
-"""Preference alignment of the SFT model with TRL's DPOTrainer and a new LoRA adapter.
+"""Alignment of the SFT model with a new LoRA adapter: DPO (TRL's DPOTrainer) on the
+preference pairs, or PPO (stages/core/ppo.py) against the reward model.
 
-The policy is the base model with the SFT adapter merged; DPO trains a second adapter on top,
-and the reference model is the same network with that adapter disabled (no second copy in
-memory). Checkpoints live in the partial folder and a rerun resumes from the newest. PPO and
-TRL's online methods against the reward model come in a later issue: `method` is the switch.
+The policy is the base model with the SFT adapter merged; the method trains a second adapter
+on top, and the reference model is the same network with that adapter disabled (no second
+copy in memory). PPO's prompts are those of the preference pairs; its reward is the reward
+model's score of prompt and response. Checkpoints live in the partial folder and a rerun
+resumes from the newest; PPO's resume exactly (the same prompts, samples and updates as a run
+never stopped).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
-VERSION = "1"
+VERSION = "2"
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
+OPTIONAL_INPUTS = {"reward_model": "the reward model PPO optimises against (reward_model)"}
+
+
+class PPOSection(BaseModel):
+    """PPO settings; the defaults follow Okapi's released rl_training.py where it sets one."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(100, gt=0, description="PPO steps (each: rollouts, then the updates).")
+    rollouts: int = Field(128, gt=0, description="Prompts sampled per step (Okapi: 128).")
+    chunk: int = Field(16, gt=0, description="Prompts generated at once (Okapi: 16).")
+    minibatch: int = Field(16, gt=0, description="Rollouts per gradient step.")
+    ppo_epochs: int = Field(4, gt=0, description="Passes over a step's rollouts (Okapi: 4).")
+    learning_rate: float = Field(1e-6, gt=0, description="AdamW learning rate (Okapi: 1e-6).")
+    max_prompt_tokens: int = Field(512, gt=0, description="Prompts are cut to this many tokens (Okapi: 512).")
+    max_new_tokens: int = Field(256, gt=0, description="Response budget (Okapi: 256).")
+    kl_coef: float = Field(0.1, ge=0, description="Initial coefficient of the per-token KL penalty (Okapi: 0.1).")
+    kl_target: float | None = Field(6.0, gt=0, description="Adaptive controller's target KL (Okapi: 6); null: fixed coefficient.")
+    kl_horizon: int = Field(10000, gt=0, description="Controller horizon in rollouts (Okapi: 10000).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (Okapi: 1).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (Okapi: 0.95).")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip (Okapi: 0.2).")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip (Okapi: 0.2).")
+    vf_coef: float = Field(1.0, ge=0, description="Value loss coefficient (Okapi: 1.0).")
+    reward_clip: float = Field(10.0, gt=0, description="Scores are clipped to +- this (Okapi: 10).")
+    missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of a response that never ended.")
+    seed: int = Field(0, description="Seed of sampling, shuffling and the value head.")
 
 
 class Config(StageConfig):
     model: str = model_field("Base model (name in `models:`) the SFT adapter belongs to.")
-    method: Literal["dpo"] = Field("dpo", description="Alignment algorithm (dpo for now).")
+    method: Literal["dpo", "ppo"] = Field(
+        "dpo", description="dpo: on the preference pairs; ppo: against the reward model (needs the reward_model input)."
+    )
+    ppo: PPOSection = Field(default_factory=PPOSection, description="PPO settings (method: ppo).")
     beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the KL anchor to the reference.")
     loss_type: str = Field("sigmoid", description="DPO loss variant (TRL loss_type, e.g. sigmoid, ipo, hinge).")
     lora: PeftSettings = Field(default_factory=PeftSettings, description="Adapter settings.")
@@ -34,7 +66,16 @@ class Config(StageConfig):
     logging_steps: int = runtime_field(10, "Log the loss every this many steps.", gt=0)
 
 
+def check_config(cfg: Config, models: dict[str, Any], input_names: set[str]) -> str | None:
+    if cfg.method == "ppo" and "reward_model" not in input_names:
+        return "inputs: method ppo needs a reward_model input (the reward model it optimises against)"
+    return None
+
+
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
+    if cfg.method == "ppo":
+        _run_ppo(cfg, inputs, out)
+        return
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -83,3 +124,77 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         f"{stats['first_logged_loss']} -> {stats['last_logged_loss']}, last reward accuracy "
         f"{last.get('rewards/accuracies')}."
     )
+
+
+def _run_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
+    import json
+
+    from polyalign.stages.core.training import DONE
+
+    done = out.path(DONE)
+    if not done.exists():
+        _train_ppo(cfg, inputs, out, done)
+    stats = json.loads(done.read_text())
+    out.write_json("train_log.json", stats.pop("history"))
+    out.metrics.update(stats)
+    out.summary = (
+        f"PPO on {stats['prompts']} prompts: {stats['steps']} steps, reward-model score {stats['reward_first']:.3f} -> "
+        f"{stats['reward_last']:.3f}, KL {stats['kl_last']:.3f} (coefficient {stats['kl_coef_last']:.4f})."
+    )
+
+
+def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> None:
+    """Train (resuming from the newest checkpoint), save the adapter, then write `done`."""
+    import json
+    import shutil
+
+    import torch
+    from peft import get_peft_model
+
+    from polyalign.stages.core.loading import cached_reward_model, load_causal_lm, load_tokenizer
+    from polyalign.stages.core.ppo import PPOSettings, PPOTrainer
+    from polyalign.stages.core.reward import conversation, score
+    from polyalign.stages.core.training import peft_config
+
+    pairs = list(inputs["pairs"].iter_records("data/*/*.jsonl"))
+    prompts = list(dict.fromkeys(p["prompt"] for p in pairs))  # each once, in file order
+    path = inputs.model(cfg.model)
+    dtype = inputs.model_dtype(cfg.model)
+    sft = str(inputs["policy"].file("model"))
+    tok = load_tokenizer(path)
+    lora = peft_config(cfg.lora, "CAUSAL_LM")
+    if lora is None:
+        from polyalign.stages.core.errors import UserError
+
+        raise UserError("align.lora.method: ppo trains an adapter (lora or dora); the reference is the policy with it disabled")
+    lora.lora_dropout = 0.0  # PPO compares log-probabilities before and after updates
+    base = load_causal_lm(path, [sft], dtype)
+    torch.manual_seed(cfg.ppo.seed)  # the adapter's random init: a resumed run must match
+    policy = get_peft_model(base, lora)
+    rm = cached_reward_model(path, [sft, str(inputs["reward_model"].file("model"))], dtype)
+    rm_tok = load_tokenizer(path, padding_side="right")
+    chat = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    text_of = dict(zip(chat, prompts))
+
+    def reward(batch_prompts: list[str], responses: list[str]) -> list[float]:
+        return score(rm, rm_tok, [conversation(text_of[p], r) for p, r in zip(batch_prompts, responses)], cfg.ppo.minibatch)
+
+    trainer = PPOTrainer(policy, tok, chat, reward, PPOSettings(**cfg.ppo.model_dump()), out.path("checkpoints"))
+    if trainer.step:
+        print(f"[align] resuming PPO after step {trainer.step}")
+    for m in trainer.train():
+        print(f"[align] ppo step {m['step']}/{cfg.ppo.steps}: reward {m['reward_mean']:.3f}, kl {m['kl']:.3f}, kl_coef {m['kl_coef']:.4f}")
+    policy.save_pretrained(str(out.path("model")), safe_serialization=True)
+    tok.save_pretrained(str(out.path("model")))
+    history = trainer.history
+    stats = {
+        "method": "ppo", "steps": trainer.step, "prompts": len(prompts),
+        "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
+        "kl_last": history[-1]["kl"], "kl_coef_last": history[-1]["kl_coef"],
+        "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "history": history,
+    }
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(stats))
+    tmp.replace(done)
+    shutil.rmtree(out.path("checkpoints"), ignore_errors=True)

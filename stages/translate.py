@@ -121,7 +121,7 @@ class Config(StageConfig):
         return self
 
 
-def check_model_specs(cfg: Config, models: dict[str, Any]) -> str | None:
+def check_config(cfg: Config, models: dict[str, Any], input_names: set[str]) -> str | None:
     """Config time: backend mt runs its models here, so none of them may be an API model."""
     if cfg.backend != "mt":
         return None

@@ -2,7 +2,8 @@
 
 A stage module has `VERSION`, `Config`, `INPUTS` (and maybe `OPTIONAL_INPUTS`), `OUTPUTS`
 (file patterns every artifact of the stage holds: a manifest without them is corrupt), and
-either `run(cfg, inputs, out)` or, for a stage that fans out (one unit per language),
+optionally `check_config(cfg, models, input_names)` (a one-line problem or None, at config
+time), and either `run(cfg, inputs, out)` or, for a stage that fans out (one unit per language),
 `units(cfg)`, `run_unit(cfg, inputs, out, unit)` and `finish(cfg, inputs, out)`.
 
 `inputs` is an `Inputs` (upstream artifacts by input name, and the models of the pipeline's

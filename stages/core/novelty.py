@@ -15,9 +15,14 @@ the reference loop does, is quadratic: hours at 10K candidates, days at Okapi's 
   threshold t only if n lies within m * t / (2 - t) and m * (2 - t) / t, and the overlap is
   more than m * t / (2 - t) (and the same with n).
 - Each sequence is a set of (token, occurrence) elements sorted rarest first by a fixed
-  global order. Two sets that share at least k elements share one among the first
-  |x| - k + 1 of each (prefix filtering). Only those prefixes are indexed and looked up, so a
-  candidate meets only pool entries that share one of its rarer tokens.
+  global order. Two sets that share at least k >= 2 elements share their two smallest common
+  elements, and both lie among the first |x| - k + 2 of each (the 2-prefix: the second
+  common element has at most |x| - k others before it). So every pair of elements of that
+  prefix is a key of the index, and a candidate meets only pool entries with which it shares
+  two of its rarer tokens, not one: with a vocabulary of V words a pool of n entries shares a
+  given word with about n/V of them, but a given pair with about n/V^2, which keeps the work
+  per candidate nearly flat as the pool grows. A sequence so short (or a threshold so low)
+  that one shared element may pass is also indexed, and looks up, element by element.
 - The pairs left are scored exactly by rapidfuzz's Indel distance (m + n - 2L, compiled,
   bit-parallel) on the sequences encoded one character per token; only pairs whose distance
   can still pass are scored.
@@ -87,7 +92,9 @@ class NoveltyFilter:
         self.ids: dict[str, int] = {}  # token -> id (its character in the encoded strings)
         self.lengths: list[int] = []  # pool entry -> number of tokens
         self.encoded: list[str] = []  # pool entry -> tokens, one character each
-        self.postings: dict[int, list[int]] = {}  # prefix element -> pool entries
+        self.postings: dict[int, list[int]] = {}  # pair of prefix elements -> pool entries
+        self.dense: dict[int, int] = {}  # element -> small id (pair keys pack two of them)
+        self.singles: dict[int, list[int]] = {}  # one-token entries by their element
         self.scored = 0  # pairs met by the prefix filter and handed to the exact scorer
 
     def __len__(self) -> int:
@@ -119,7 +126,18 @@ class NoveltyFilter:
             seen[tok] = k + 1
             elements.append(r * _OCCURRENCES + k)
         elements.sort()
-        return elements[: len(tokens) - self._min_overlap(len(tokens)) + 1]
+        return elements[: len(tokens) - self._min_overlap(len(tokens)) + 2]  # the 2-prefix
+
+    def _keys(self, prefix: list[int]) -> list[int]:
+        """Every pair of prefix elements (smaller first), packed into one int."""
+        dense = self.dense
+        ids = []
+        for element in prefix:
+            d = dense.get(element)
+            if d is None:
+                d = dense[element] = len(dense)
+            ids.append(d)
+        return [(a << 32) | b for k, a in enumerate(ids) for b in ids[k + 1 :]]
 
     def _encode(self, tokens: Sequence[str]) -> str:
         chars = []
@@ -140,9 +158,14 @@ class NoveltyFilter:
         index = len(self.lengths)
         self.lengths.append(len(tokens))
         self.encoded.append(self._encode(tokens))
-        if tokens:  # an empty sequence scores 0 against everything: never a match
-            for element in self._prefix(tokens):
-                self.postings.setdefault(element, []).append(index)
+        if not tokens:  # an empty sequence scores 0 against everything: never a match
+            return index
+        prefix = self._prefix(tokens)
+        for key in self._keys(prefix):
+            self.postings.setdefault(key, []).append(index)
+        if self._min_overlap(len(tokens)) == 1:  # may pass sharing one element: index each
+            for element in prefix:
+                self.singles.setdefault(element, []).append(index)
         return index
 
     def best_match(self, tokens: Sequence[str]) -> tuple[int, float] | None:
@@ -154,11 +177,18 @@ class NoveltyFilter:
         if not m:
             return None
         found: set[int] = set()
+        prefix = self._prefix(tokens)
         postings = self.postings
-        for element in self._prefix(tokens):
-            hits = postings.get(element)
+        for key in self._keys(prefix):
+            hits = postings.get(key)
             if hits:
                 found.update(hits)
+        if self._min_overlap(m) == 1:  # a partner that shares one element may pass
+            singles = self.singles
+            for element in prefix:
+                hits = singles.get(element)
+                if hits:
+                    found.update(hits)
         if not found:
             return None
         near = list(found)

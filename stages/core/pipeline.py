@@ -345,9 +345,9 @@ def load_pipeline(
                     f"{where}.{field_path}: models.{model_name} is served over HTTP (openai), but this "
                     "field needs local weights (training, adapters or log-likelihoods); name a local model"
                 )
-        check_specs = getattr(module, "check_model_specs", None)
-        if check_specs is not None:
-            problem = check_specs(cfg, header.models)
+        check_config = getattr(module, "check_config", None)
+        if check_config is not None:  # settings that depend on models or inputs
+            problem = check_config(cfg, header.models, set(inputs))
             if problem:
                 raise ConfigError(f"{where}.{problem}")
         check_inputs = getattr(module, "check_inputs", None)

@@ -47,7 +47,7 @@ def test_decisions_equal_the_reference_loop(seed):
     assert 0.2 < sum(d is None for d in ours) / len(ours) < 0.9  # both outcomes are common
 
 
-@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.9, 1.0])
+@pytest.mark.parametrize("threshold", [0.2, 0.35, 0.5, 0.7, 0.9, 1.0])
 def test_other_thresholds_and_exact_boundaries(threshold):
     # 10 tokens vs 10 tokens sharing 7 in order: F1 is 0.7 (up to rounding): the boundary
     base = "one two three four five six seven eight nine ten"

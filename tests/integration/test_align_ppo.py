@@ -1,0 +1,101 @@
+"""align with method ppo on the tiny pipeline from the command line: the adapter is trained
+against the tiny reward model and loads; a run killed (-9) after a PPO checkpoint resumes at
+the next step and ends with the metrics of a run never killed; bad PPO settings are one-line
+errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from polyalign.stages.core.pipeline import load_pipeline
+from tests.conftest import ROOT, TINY, cli
+
+pytestmark = pytest.mark.integration
+
+PPO = ["align.method=ppo", "align.inputs={pairs: preferences, policy: sft, reward_model: reward_model}",
+       "align.ppo={steps: 4, rollouts: 8, chunk: 8, minibatch: 4, ppo_epochs: 2, learning_rate: 1.0e-3, max_new_tokens: 8}"]
+
+
+def _sets(*items: str) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """A store with every stage up to reward_model done (shared by the tests)."""
+    store = str(tmp_path_factory.mktemp("ppo-store"))
+    proc = cli("run", str(TINY), "--until", "reward_model", "--store", store)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store
+
+
+def _artifact(store: str, extra: list[str] = ()):
+    pipe = load_pipeline(TINY, [*PPO, *extra], store=store)
+    return pipe.store.open("align", pipe.fingerprints()["align"])
+
+
+def test_ppo_trains_an_adapter_against_the_reward_model(upstream, tmp_path):
+    import shutil
+
+    store = str(tmp_path / "store")
+    shutil.copytree(upstream, store)
+    proc = cli("stage", "align", str(TINY), "--store", store, *_sets(*PPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    art = _artifact(store)
+    m = art.metrics
+    assert m["method"] == "ppo" and m["steps"] == 4 and m["trainable_params"] > 0
+    log = art.read_json("train_log.json")
+    assert [h["step"] for h in log] == [1, 2, 3, 4]
+    assert all(abs(h["reward_mean"]) <= 10 for h in log)  # clipped reward-model scores
+    config = json.loads(art.read_bytes("model/adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["lora_dropout"] == 0.0
+
+
+def test_a_killed_ppo_run_resumes_at_the_next_step_and_ends_as_an_unbroken_one(upstream, tmp_path):
+    import shutil
+
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    shutil.copytree(upstream, whole)
+    shutil.copytree(upstream, cut)
+    assert cli("stage", "align", str(TINY), "--store", whole, *_sets(*PPO)).returncode == 0
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "polyalign", "stage", "align", str(TINY), "--store", cut, *_sets(*PPO)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the step is printed after its checkpoint is complete
+        if "ppo step 2/4" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    time.sleep(0.5)
+    again = cli("stage", "align", str(TINY), "--store", cut, *_sets(*PPO))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming PPO after step 2" in again.stdout + again.stderr
+    a, b = _artifact(whole).read_json("train_log.json"), _artifact(cut).read_json("train_log.json")
+    assert [h["step"] for h in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("align.inputs={pairs: preferences, policy: sft}", "stages.align.inputs: method ppo needs a reward_model input"),
+        ("align.ppo.cliprange_value=0", "cliprange_value"),
+        ("align.method=reinforce", "method"),
+    ],
+)
+def test_bad_ppo_settings_are_one_line_errors(override, expected):
+    proc = cli("validate", str(TINY), *_sets(*PPO, override), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert expected in line and "\n" not in line and "Traceback" not in line
