@@ -216,6 +216,28 @@ def stage(
     typer.echo(art.manifest.get("summary", ""))
 
 
+@app.command(name="export")
+def export_(
+    config: ConfigArg,
+    out: Annotated[str, typer.Argument(help="New folder to write the model (or adapters) into.")],
+    stage_name: Annotated[str, typer.Option("--stage", help="sft or align: the model up to that stage.")] = "align",
+    adapters: Annotated[bool, typer.Option("--adapters", help="Write the adapters instead of a merged model.")] = False,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Write what a pipeline trained as a Hugging Face model folder (or its adapters) with a
+    model card, loadable without polyalign."""
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.export import export
+
+    pipe = _load(config, set_, store, check_models=False)
+    try:
+        target = export(pipe, out, stage_name, adapters)
+    except UserError as exc:
+        _fail(str(exc))
+    typer.echo(f"exported {stage_name} of {pipe.name!r} to {target}" + (" (adapters)" if adapters else ""))
+
+
 @app.command()
 def report(
     config: ConfigArg,

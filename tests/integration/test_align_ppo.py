@@ -41,14 +41,20 @@ def _artifact(store: str, extra: list[str] = ()):
     return pipe.store.open("align", pipe.fingerprints()["align"])
 
 
-def test_ppo_trains_an_adapter_against_the_reward_model(upstream, tmp_path):
+@pytest.fixture(scope="module")
+def aligned(upstream, tmp_path_factory):
+    """A copy of `upstream` with align (ppo) done."""
     import shutil
 
-    store = str(tmp_path / "store")
+    store = str(tmp_path_factory.mktemp("ppo-aligned") / "store")
     shutil.copytree(upstream, store)
     proc = cli("stage", "align", str(TINY), "--store", store, *_sets(*PPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    art = _artifact(store)
+    return store
+
+
+def test_ppo_trains_an_adapter_against_the_reward_model(aligned):
+    art = _artifact(aligned)
     m = art.metrics
     assert m["method"] == "ppo" and m["steps"] == 4 and m["trainable_params"] > 0
     log = art.read_json("train_log.json")
@@ -99,3 +105,31 @@ def test_bad_ppo_settings_are_one_line_errors(override, expected):
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert expected in line and "\n" not in line and "Traceback" not in line
+
+
+def test_export_writes_a_model_plain_transformers_loads_and_adapters_that_rebuild_it(aligned, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged, adapters = tmp_path / "merged", tmp_path / "adapters"
+    proc = cli("export", str(TINY), str(merged), "--store", aligned, *_sets(*PPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli("export", str(TINY), str(adapters), "--adapters", "--store", aligned, *_sets(*PPO)).returncode == 0
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    text = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    card = (merged / "README.md").read_text()
+    assert "polyalign" in card and "## Provenance" in card and "- fr" in card
+    # the adapters, applied in order on the base model, compute what the merged export does
+    base_path = json.loads((adapters / "sft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapters / "sft").merge_and_unload()
+    rebuilt = PeftModel.from_pretrained(rebuilt, adapters / "align").merge_and_unload()
+    import torch
+
+    with torch.no_grad():
+        assert torch.allclose(model(**enc).logits, rebuilt(**enc).logits, atol=1e-4)
+    again = cli("export", str(TINY), str(merged), "--store", aligned, *_sets(*PPO))
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
