@@ -25,6 +25,19 @@ INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT ada
 OPTIONAL_INPUTS = {"reward_model": "the reward model PPO optimises against (reward_model)"}
 
 
+ONLINE = ("rloo", "grpo")
+
+
+class OnlineSection(BaseModel):
+    """TRL's online methods (rloo, grpo): completions sampled per prompt, scored by the reward model."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (the group; must divide the batch).")
+    max_new_tokens: int = Field(128, gt=0, description="Completion budget.")
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference (0: none).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+
+
 class PPOSection(BaseModel):
     """PPO settings; the defaults follow Okapi's released rl_training.py where it sets one."""
 
@@ -52,11 +65,15 @@ class PPOSection(BaseModel):
 
 class Config(StageConfig):
     model: str = model_field("Base model (name in `models:`) the SFT adapter belongs to.")
-    method: Literal["dpo", "ppo"] = Field(
-        "dpo", description="dpo: on the preference pairs; ppo: against the reward model (needs the reward_model input)."
+    method: Literal["dpo", "kto", "ppo", "rloo", "grpo"] = Field(
+        "dpo",
+        description="dpo, kto: on the preference pairs (TRL; kto takes them unpaired); ppo: against the reward "
+        "model (polyalign's own); rloo, grpo: TRL's online methods with the reward model as reward function. "
+        "ppo, rloo and grpo need the reward_model input.",
     )
     ppo: PPOSection = Field(default_factory=PPOSection, description="PPO settings (method: ppo).")
-    beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the KL anchor to the reference.")
+    online: OnlineSection = Field(default_factory=OnlineSection, description="rloo and grpo settings.")
+    beta: float = Field(0.1, gt=0, description="DPO and KTO temperature: strength of the KL anchor to the reference.")
     loss_type: str = Field("sigmoid", description="DPO loss variant (TRL loss_type, e.g. sigmoid, ipo, hinge).")
     lora: PeftSettings = Field(default_factory=PeftSettings, description="Adapter settings.")
     train: TrainSettings = Field(
@@ -67,8 +84,11 @@ class Config(StageConfig):
 
 
 def check_config(cfg: Config, models: dict[str, Any], input_names: set[str]) -> str | None:
-    if cfg.method == "ppo" and "reward_model" not in input_names:
-        return "inputs: method ppo needs a reward_model input (the reward model it optimises against)"
+    if cfg.method in ("ppo", *ONLINE) and "reward_model" not in input_names:
+        return f"inputs: method {cfg.method} needs a reward_model input (the reward model it optimises against)"
+    if cfg.method in ONLINE and (cfg.train.batch_size * cfg.train.gradient_accumulation_steps) % cfg.online.num_generations:
+        return (f"online.num_generations: {cfg.online.num_generations} must divide train.batch_size x "
+                f"gradient_accumulation_steps ({cfg.train.batch_size * cfg.train.gradient_accumulation_steps})")
     return None
 
 
@@ -77,34 +97,47 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         _run_ppo(cfg, inputs, out)
         return
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
 
     from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
     from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
 
-    pairs = sorted(inputs["pairs"].records("data/*/*.jsonl"), key=lambda r: r["id"])
-    data = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": p["prompt"]}],
-                "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                "rejected": [{"role": "assistant", "content": p["rejected"]}],
-            }
-            for p in pairs
-        ]
-    )
+    pairs = list(inputs["pairs"].iter_records("data/*/*.jsonl"))  # in file order
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    assistant = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
     path = inputs.model(cfg.model)
-    tok = load_tokenizer(path, padding_side="right")
+    tok = load_tokenizer(path, padding_side="left" if cfg.method in ONLINE else "right")
     model = load_causal_lm(path, [str(inputs["policy"].file("model"))], inputs.model_dtype(cfg.model))
     model.train()
     ckpt_dir = out.path("checkpoints")
-    args = DPOConfig(
-        **trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps),
-        max_length=cfg.train.max_length,
-        beta=cfg.beta,
-        loss_type=[cfg.loss_type],
-    )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
+    common = dict(model=model, processing_class=tok, peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
+    kwargs = trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps)
+    trainer: Any
+    if cfg.method == "dpo":
+        data = Dataset.from_list([{"prompt": user(p["prompt"]), "chosen": assistant(p["chosen"]), "rejected": assistant(p["rejected"])} for p in pairs])
+        args = DPOConfig(**kwargs, max_length=cfg.train.max_length, beta=cfg.beta, loss_type=[cfg.loss_type])
+        trainer = DPOTrainer(args=args, train_dataset=data, **common)
+    elif cfg.method == "kto":
+        # unpaired: every chosen response is a desirable example, every rejected one not
+        rows = [{"prompt": user(p["prompt"]), "completion": assistant(p[side]), "label": side == "chosen"} for p in pairs for side in ("chosen", "rejected")]
+        args = KTOConfig(**kwargs, max_length=cfg.train.max_length, beta=cfg.beta)
+        trainer = KTOTrainer(args=args, train_dataset=Dataset.from_list(rows), **common)
+    else:
+        # one example per pair: a prompt that several pairs share is sampled as often
+        data = Dataset.from_list([{"prompt": user(p["prompt"])} for p in pairs])
+        per_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps // cfg.online.num_generations
+        if len(data) < per_batch:
+            from polyalign.stages.core.errors import UserError
+
+            raise UserError(f"align: {cfg.method} samples {per_batch} prompts per step but the pairs have {len(data)}; lower train.batch_size")
+        online = dict(num_generations=cfg.online.num_generations, max_completion_length=cfg.online.max_new_tokens,
+                      beta=cfg.online.beta, temperature=cfg.online.temperature)
+        reward = _reward_function(cfg, inputs, path)
+        if cfg.method == "grpo":
+            trainer = GRPOTrainer(reward_funcs=[reward], args=GRPOConfig(**kwargs, **online), train_dataset=data, **common)
+        else:
+            trainer = RLOOTrainer(reward_funcs=[reward], args=RLOOConfig(**kwargs, **online), train_dataset=data, **common)
+
     def save() -> None:
         trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
         tok.save_pretrained(str(out.path("model")))
@@ -112,18 +145,30 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     stats = train_resumable(trainer, ckpt_dir, save)
     history = stats.pop("log_history")
     out.write_json("train_log.json", history)
-    last: dict[str, Any] = next((h for h in reversed(history) if "rewards/accuracies" in h), {})
-    out.metrics.update(
-        stats,
-        pairs=len(pairs),
-        reward_accuracy=last.get("rewards/accuracies"),
-        reward_margin=last.get("rewards/margins"),
-    )
+    last: dict[str, Any] = next((h for h in reversed(history) if "rewards/accuracies" in h or "reward" in h), {})
+    out.metrics.update(stats, method=cfg.method, pairs=len(pairs), reward_accuracy=last.get("rewards/accuracies"),
+                       reward_margin=last.get("rewards/margins"), reward=last.get("reward"))
+    what = {"dpo": f"DPO (beta={cfg.beta}, {cfg.loss_type})", "kto": f"KTO (beta={cfg.beta})", "grpo": "GRPO", "rloo": "RLOO"}[cfg.method]
     out.summary = (
-        f"DPO (beta={cfg.beta}) on {len(pairs)} pairs: {stats['global_step']} steps, loss "
-        f"{stats['first_logged_loss']} -> {stats['last_logged_loss']}, last reward accuracy "
-        f"{last.get('rewards/accuracies')}."
+        f"{what} on {len(pairs)} pairs: {stats['global_step']} steps, loss {stats['first_logged_loss']} -> "
+        f"{stats['last_logged_loss']}" + (f", last reward accuracy {last.get('rewards/accuracies')}." if cfg.method == "dpo"
+                                          else f", last mean reward {last.get('reward')}." if cfg.method in ONLINE else ".")
     )
+
+
+def _reward_function(cfg: Config, inputs: Inputs, path: str) -> Any:
+    """TRL's reward_funcs callable: the reward model's score of each prompt and completion."""
+    from polyalign.stages.core.loading import cached_reward_model, load_tokenizer
+    from polyalign.stages.core.reward import score
+
+    sft = str(inputs["policy"].file("model"))
+    rm = cached_reward_model(path, [sft, str(inputs["reward_model"].file("model"))], inputs.model_dtype(cfg.model))
+    rm_tok = load_tokenizer(path, padding_side="right")
+
+    def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        return score(rm, rm_tok, [list(p) + list(c) for p, c in zip(prompts, completions)], cfg.train.batch_size)
+
+    return reward_model
 
 
 def _run_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:

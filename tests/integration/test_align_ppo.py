@@ -98,10 +98,12 @@ def test_a_killed_ppo_run_resumes_at_the_next_step_and_ends_as_an_unbroken_one(u
         ("align.inputs={pairs: preferences, policy: sft}", "stages.align.inputs: method ppo needs a reward_model input"),
         ("align.ppo.cliprange_value=0", "cliprange_value"),
         ("align.method=reinforce", "method"),
+        ("align.method=grpo", "stages.align.inputs: method grpo needs a reward_model input"),
     ],
 )
 def test_bad_ppo_settings_are_one_line_errors(override, expected):
-    proc = cli("validate", str(TINY), *_sets(*PPO, override), timeout=120)
+    base = PPO if "grpo" not in override else ["align.inputs={pairs: preferences, policy: sft}"]
+    proc = cli("validate", str(TINY), *_sets(*base, override), timeout=120)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert expected in line and "\n" not in line and "Traceback" not in line
@@ -133,3 +135,26 @@ def test_export_writes_a_model_plain_transformers_loads_and_adapters_that_rebuil
         assert torch.allclose(model(**enc).logits, rebuilt(**enc).logits, atol=1e-4)
     again = cli("export", str(TINY), str(merged), "--store", aligned, *_sets(*PPO))
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("method", ["kto", "grpo", "rloo"])
+def test_trl_methods_train_the_adapter(upstream, tmp_path, method):
+    """KTO from the pairs taken unpaired; GRPO and RLOO with the reward model as reward_funcs."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    store = str(tmp_path / "store")
+    shutil.copytree(upstream, store)
+    sets = [f"align.method={method}", "align.inputs={pairs: preferences, policy: sft, reward_model: reward_model}",
+            "align.online={num_generations: 2, max_new_tokens: 8}", "align.train.max_steps=2"]
+    proc = cli("stage", "align", str(TINY), "--store", store, *_sets(*sets))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(TINY, sets, store=store)
+    art = pipe.store.open("align", pipe.fingerprints()["align"])
+    assert art.metrics["method"] == method and art.metrics["global_step"] == 2
+    weights = load_file(str(art.file("model") / "adapter_model.safetensors"))
+    # LoRA's B matrices start at zero: any that is not has been trained
+    assert any(float(w.abs().max()) > 0 for k, w in weights.items() if "lora_B" in k)
+    if method != "kto":
+        assert any("reward" in h for h in art.read_json("train_log.json"))
