@@ -79,7 +79,9 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     n_rows = sum(per_lang.values())
     if not n_rows:
         raise RuntimeError("sft: no training records after the language and split filters")
-    cache = out.path("dataset_cache")  # work space: removed before the artifact is committed
+    from polyalign.stages.core.distributed import rank
+
+    cache = out.path(f"dataset_cache/rank{rank()}")  # work space: removed before the artifact is committed
     data = Dataset.from_generator(_examples, gen_kwargs={"paths": paths}, cache_dir=str(cache))
     path = inputs.model(cfg.model)
     tok = load_tokenizer(path, padding_side="right")
@@ -103,7 +105,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
 
     stats = train_resumable(trainer, ckpt_dir, save)
     del trainer, data
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(cache.parent, ignore_errors=True)
     log_history = stats.pop("log_history")
     out.write_json("train_log.json", log_history)
     out.metrics.update(stats, examples=n_rows, examples_per_language=per_lang)

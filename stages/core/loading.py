@@ -29,9 +29,15 @@ from polyalign.stages.core.model_specs import DEFAULT_CHAT_TEMPLATE
 
 
 def device() -> str:
+    """cuda (this process's GPU under a multi-process launcher: LOCAL_RANK), else cpu."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local}" if local else "cuda"
 
 
 def torch_dtype(spec_dtype: str) -> Any:

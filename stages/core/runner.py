@@ -183,12 +183,48 @@ def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
     return art
 
 
+TRAINING = ("sft", "reward_model", "align")  # stage types that run under a multi-process launcher
+
+
 def run_stage(pipeline: Pipeline, stage: str) -> tuple[Artifact, bool]:
-    """Run a stage unless cached. Returns (artifact, was_cached)."""
+    """Run a stage unless cached. Returns (artifact, was_cached).
+
+    Under `accelerate launch` / `torchrun` (see core.distributed) every process trains and
+    only the main one writes and commits; the others wait for its artifact."""
+    from polyalign.stages.core import distributed
+
     hit = cached(pipeline, stage)
     if hit is not None:
         return hit, True
-    return finish(pipeline, stage), False
+    if distributed.world_size() > 1:
+        node = pipeline.nodes[stage]
+        if node.type not in TRAINING or getattr(node.config, "method", None) == "ppo":
+            from polyalign.stages.core.errors import UserError
+
+            raise UserError(
+                f"stage {stage!r} ({node.type}{', ppo' if node.type == 'align' else ''}) runs in one process; "
+                f"only {', '.join(TRAINING)} (not ppo yet) run under accelerate launch / torchrun"
+            )
+        if not distributed.is_main():
+            return _follow(pipeline, stage), False
+    art = finish(pipeline, stage)
+    distributed.barrier()  # the followers open the artifact once it is committed
+    return art, False
+
+
+def _follow(pipeline: Pipeline, stage: str) -> Artifact:
+    """A non-main process: train with the others, write nothing, open the main's artifact."""
+    from polyalign.stages.core import distributed
+
+    node = pipeline.nodes[stage]
+    inputs = stage_inputs(pipeline, stage)
+    writer = distributed.FollowerWriter(pipeline.store, stage, pipeline.fingerprints()[stage])
+    run_module(node.module, node.config, inputs, writer)
+    distributed.barrier()
+    art = cached(pipeline, stage)
+    if art is None:
+        raise RuntimeError(f"stage {stage!r}: the main process did not commit its artifact")
+    return art
 
 
 def store_path(pipeline: Pipeline, stage: str) -> Path:

@@ -139,8 +139,11 @@ def train_resumable(trainer: Any, output_dir: Path, save: Any) -> dict[str, Any]
     resumed_step = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     if ckpt:
         print(f"[train] resuming from {ckpt}")
+    from polyalign.stages.core import distributed
+
     result = trainer.train(resume_from_checkpoint=ckpt)
-    save()
+    if distributed.is_main():  # the main process saves; every process computes the statistics
+        save()
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -156,6 +159,8 @@ def train_resumable(trainer: Any, output_dir: Path, save: Any) -> dict[str, Any]
         "tokens": int(getattr(state, "num_input_tokens_seen", 0) or 0),
         "log_history": state.log_history,
     }
+    if not distributed.is_main():  # the main process marks done and cleans up
+        return stats
     tmp = done.with_name(done.name + ".tmp")
     tmp.write_text(json.dumps(stats))
     tmp.replace(done)

@@ -1,0 +1,53 @@
+"""A training stage under a multi-process launcher (torchrun, 2 processes, gloo on CPU):
+both processes train, only the main one writes, and the store ends with one artifact whose
+adapter loads. (accelerate launch starts several CPU processes only through mpirun; on GPUs
+it is `accelerate launch --config_file configs/accelerate/ddp.yaml ...`, same code path.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from polyalign.stages.core.pipeline import load_pipeline
+from tests.conftest import ROOT, TINY, cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_sft_under_torchrun_two_processes_commits_one_artifact(tmp_path):
+    store = str(tmp_path / "store")
+    assert cli("run", str(TINY), "--until", "translate", "--store", store).returncode == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "polyalign", "stage", "sft", str(TINY), "--store", store],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = [line for line in proc.stdout.splitlines() if line.startswith("sft: done -> ")]
+    assert len(done) == 2 and done[0] == done[1]  # each process reports the one artifact
+    sft_dir = Path(store) / "sft"
+    assert [p.name for p in sft_dir.iterdir() if not p.name.endswith(".lock")] == [Path(done[0].split(" -> ")[1]).name]
+    pipe = load_pipeline(TINY, store=store)
+    art = pipe.store.open("sft", pipe.fingerprints()["sft"])
+    assert art.metrics["global_step"] == 8 and len(art.read_json("train_log.json")) > 0
+    assert not any(rel.startswith(("checkpoints/", "dataset_cache/")) for rel in art.files)
+    from peft import PeftModel
+
+    from polyalign.stages.core.loading import load_causal_lm
+    from polyalign.stages.core.prepare import ensure_model
+
+    base = load_causal_lm(ensure_model(pipe.header.models["base"], pipe.models_root), dtype="float32")
+    model = PeftModel.from_pretrained(base, art.file("model"))
+    assert json.loads(art.read_bytes("model/adapter_config.json"))["r"] == 4 and model is not None
+
+
+def test_a_stage_that_cannot_run_on_several_processes_says_so(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "polyalign", "stage", "self_instruct", str(TINY), "--store", str(tmp_path / "s")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "only sft, reward_model, align (not ppo yet) run under accelerate launch / torchrun" in proc.stderr
