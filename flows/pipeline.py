@@ -43,6 +43,10 @@ def _stage_markdown(stage: str, art: Any, was_cached: bool) -> str:
     ]
     if "trainable_params" in m:
         lines.append(f"- trainable parameters: {m['trainable_params']:,}")
+    if "efficiency" in m:
+        from polyalign.stages.core.efficiency import table
+
+        lines += ["", table({stage: m["efficiency"]})]
     if card.exists():
         lines.append(f"- data card: `{card}`")
     return "\n".join(lines)

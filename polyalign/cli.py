@@ -187,9 +187,16 @@ def run(
         raise typer.Exit(1)
     states = state.result()
     typer.echo(f"\npipeline {pipe.name!r} finished; store {pipe.store.root}")
+    effic = {}
     for plan in pipe.plan(list(states)):
-        summary = pipe.store.open(plan.name, plan.fingerprint).manifest.get("summary", "")
-        typer.echo(f"\n[{plan.name}: {states[plan.name]}] {summary.strip()}")
+        art = pipe.store.open(plan.name, plan.fingerprint)
+        typer.echo(f"\n[{plan.name}: {states[plan.name]}] {art.manifest.get('summary', '').strip()}")
+        if "efficiency" in art.metrics:
+            effic[plan.name] = art.metrics["efficiency"]
+    if effic:
+        from polyalign.stages.core.efficiency import table
+
+        typer.echo("\nefficiency of the training stages:\n" + table(effic))
 
 
 @app.command()

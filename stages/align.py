@@ -237,6 +237,11 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
         "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
         "kl_last": history[-1]["kl"], "kl_coef_last": history[-1]["kl_coef"],
         "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in policy.parameters()),
+        # for the efficiency report: each batch is trained ppo_epochs times and run forward
+        # twice more (old policy, reference); generation runs forward once per new token
+        "tokens_trained": int(sum(h["tokens"] for h in history) * cfg.ppo.ppo_epochs),
+        "tokens_forward": int(sum(2 * h["tokens"] + h["generated_tokens"] for h in history)),
         "history": history,
     }
     tmp = done.with_name(done.name + ".tmp")

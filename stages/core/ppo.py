@@ -313,5 +313,7 @@ class PPOTrainer:
             "kl": kl,
             "kl_coef": coef,
             "response_length": float(lengths.float().mean()),
+            "tokens": float(attn.sum()),  # prompt and response tokens of the batch
+            "generated_tokens": float(lengths.sum()),
             **{k: mean(v) for k, v in stats.items()},
         }

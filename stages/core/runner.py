@@ -162,6 +162,10 @@ def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
     m["peak_rss_bytes"] = max([mem.peak] + [u.get("peak_rss_bytes", 0) for u in unit_stats])
     m["tokens"] = int(m.get("tokens", 0))  # each stage counts its own, units included
     _cuda_peak(writer)
+    if node.type in TRAINING:
+        from polyalign.stages.core.efficiency import report
+
+        m["efficiency"] = report(m, writer.dir / "model")
     if writer.card is not None:
         writer.write_text("README.md", writer.card)
     writer.write_json("metrics.json", m)
