@@ -142,7 +142,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
         tok.save_pretrained(str(out.path("model")))
 
-    stats = train_resumable(trainer, ckpt_dir, save)
+    stats = train_resumable(trainer, ckpt_dir, save, tensorboard="tensorboard" in cfg.train.report_to)
     history = stats.pop("log_history")
     out.write_json("train_log.json", history)
     last: dict[str, Any] = next((h for h in reversed(history) if "rewards/accuracies" in h or "reward" in h), {})
@@ -227,8 +227,20 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
     trainer = PPOTrainer(policy, tok, chat, reward, PPOSettings(**cfg.ppo.model_dump()), out.path("checkpoints"))
     if trainer.step:
         print(f"[align] resuming PPO after step {trainer.step}")
+    board = None
+    if "tensorboard" in cfg.train.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(log_dir=str(out.path("tensorboard")))
     for m in trainer.train():
         print(f"[align] ppo step {m['step']}/{cfg.ppo.steps}: reward {m['reward_mean']:.3f}, kl {m['kl']:.3f}, kl_coef {m['kl_coef']:.4f}")
+        if board is not None:
+            for key, value in m.items():
+                if key != "step":
+                    board.add_scalar(f"ppo/{key}", value, int(m["step"]))
+            board.flush()
+    if board is not None:
+        board.close()
     policy.save_pretrained(str(out.path("model")), safe_serialization=True)
     tok.save_pretrained(str(out.path("model")))
     history = trainer.history

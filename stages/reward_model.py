@@ -77,7 +77,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
         tok.save_pretrained(str(out.path("model")))
 
-    stats = train_resumable(trainer, ckpt_dir, save)
+    stats = train_resumable(trainer, ckpt_dir, save, tensorboard="tensorboard" in cfg.train.report_to)
     del trainer, model
 
     accuracy = None

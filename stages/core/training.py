@@ -7,7 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+Reporter = Literal["tensorboard", "wandb", "mlflow"]
 
 
 class PeftSettings(BaseModel):
@@ -41,6 +44,22 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
     seed: int = Field(42, description="Seed of data order and adapter init.")
+    report_to: list[Reporter] = Field(
+        default_factory=lambda: list[Reporter](["tensorboard"]),
+        description="Where training curves go: tensorboard (event files in the artifact's tensorboard/ folder), "
+        "wandb, mlflow (installed and configured by you); [] for none.",
+        json_schema_extra={"polyalign_runtime": True},
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, value: list[str]) -> list[str]:
+        from importlib import util
+
+        missing = [name for name in value if name != "tensorboard" and util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{missing[0]} is not installed here (pip install {missing[0]}), or leave it out")
+        return value
 
 
 def peft_config(p: PeftSettings, task_type: str) -> Any:
@@ -81,7 +100,7 @@ def trainer_kwargs(t: TrainSettings, output_dir: Path, save_steps: int, logging_
         save_total_limit=2,
         save_only_model=False,
         logging_steps=logging_steps,
-        report_to=[],
+        report_to=[name for name in t.report_to if name != "tensorboard"],  # tensorboard: see train_resumable
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=False,
@@ -116,7 +135,16 @@ def last_checkpoint(output_dir: Path) -> str | None:
 DONE = "train_result.json"
 
 
-def train_resumable(trainer: Any, output_dir: Path, save: Any) -> dict[str, Any]:
+def tensorboard_callback(log_dir: Path) -> Any:
+    """A Trainer callback writing TensorBoard event files into `log_dir` (kept in the
+    artifact, unlike the Trainer's default folder inside the checkpoints)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+
+
+def train_resumable(trainer: Any, output_dir: Path, save: Any, tensorboard: bool = True) -> dict[str, Any]:
     """Train, resuming from the last checkpoint in `output_dir`, then `save()` the model.
 
     The saved model and its statistics are marked done (`train_result.json` next to
@@ -141,6 +169,8 @@ def train_resumable(trainer: Any, output_dir: Path, save: Any) -> dict[str, Any]
         print(f"[train] resuming from {ckpt}")
     from polyalign.stages.core import distributed
 
+    if tensorboard and distributed.is_main():
+        trainer.add_callback(tensorboard_callback(output_dir.parent / "tensorboard"))
     result = trainer.train(resume_from_checkpoint=ckpt)
     if distributed.is_main():  # the main process saves; every process computes the statistics
         save()

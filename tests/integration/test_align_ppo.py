@@ -60,6 +60,7 @@ def test_ppo_trains_an_adapter_against_the_reward_model(aligned):
     log = art.read_json("train_log.json")
     assert [h["step"] for h in log] == [1, 2, 3, 4]
     assert all(abs(h["reward_mean"]) <= 10 for h in log)  # clipped reward-model scores
+    assert any(rel.startswith("tensorboard/events.out.tfevents") for rel in art.files)  # per-step curves
     e = m["efficiency"]  # the report every training stage carries
     assert e["flops"] > 0 and e["tokens_per_second"] > 0 and e["saved_model_bytes"] > 0 and e["device"] == "cpu"
     config = json.loads(art.read_bytes("model/adapter_config.json"))

@@ -34,6 +34,9 @@ def test_sft_under_torchrun_two_processes_commits_one_artifact(tmp_path):
     art = pipe.store.open("sft", pipe.fingerprints()["sft"])
     assert art.metrics["global_step"] == 8 and len(art.read_json("train_log.json")) > 0
     assert not any(rel.startswith(("checkpoints/", "dataset_cache/")) for rel in art.files)
+    # the main process alone wrote training curves (TensorBoard) and the efficiency report
+    assert len([rel for rel in art.files if rel.startswith("tensorboard/events.out.tfevents")]) == 1
+    assert art.metrics["efficiency"]["tokens_per_second"] > 0
     from peft import PeftModel
 
     from polyalign.stages.core.loading import load_causal_lm
