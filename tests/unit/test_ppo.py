@@ -4,6 +4,8 @@ checkpoint resuming onto exactly the trajectory of a run never stopped."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -96,3 +98,67 @@ def test_a_stopped_run_resumes_onto_the_same_trajectory(tmp_path):
     for a, b in zip(whole[2:], rest):
         for key, value in a.items():
             assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def _learned_reward_model():
+    """A tiny sequence classifier trained here with the Bradley-Terry loss on pairs of the
+    policy's own samples, the one with more of the letter e preferred (as a reward model is
+    trained on rated samples of its policy): a learned reward, not a rule."""
+    import random
+
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
+    from polyalign.stages.core.prepare import ensure_model
+
+    policy, tok = _policy()
+    samples = []
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for _ in range(8):
+            enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+            out = policy.generate(**enc, do_sample=True, top_k=0, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+            samples += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    share = {t: t.count("e") / max(1, len(t)) for t in samples}
+    path = ensure_model(ModelSpec(tiny=TinySpec(seed=11)), models_dir())
+    rm_tok = load_tokenizer(path, padding_side="right")
+    torch.manual_seed(0)
+    rm = load_causal_lm(path, dtype="float32", num_labels=1)
+    rm.train()
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    for _ in range(50):
+        pairs = [rng.sample(samples, 2) for _ in range(8)]
+        pairs = [(a, b) if share[a] >= share[b] else (b, a) for a, b in pairs if share[a] != share[b]]
+        enc = rm_tok([a for a, _ in pairs] + [b for _, b in pairs], return_tensors="pt", padding=True)
+        scores = rm(**enc).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(scores[: len(pairs)] - scores[len(pairs):]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rm.eval()
+    return rm, rm_tok
+
+
+def test_mean_reward_rises_against_a_learned_reward_model(tmp_path):
+    from polyalign.stages.core.reward import conversation, score
+
+    rm, rm_tok = _learned_reward_model()
+    with torch.no_grad():
+        high, low = score(rm, rm_tok, [conversation("p", "eee ee eeee e"), conversation("p", "xyz ab cd fgh")], 2)
+    assert high > low  # it learned its preference
+
+    def reward(prompts, responses):
+        with torch.no_grad():
+            return score(rm, rm_tok, [conversation(p, r) for p, r in zip(prompts, responses)], 12)
+
+    model, tok = _policy()
+    settings = PPOSettings(steps=16, rollouts=12, chunk=12, minibatch=6, ppo_epochs=2, learning_rate=1e-2,
+                           max_new_tokens=12, kl_coef=0.1, kl_target=10.0, kl_horizon=12, seed=1)
+    history = list(PPOTrainer(model, tok, PROMPTS, reward, settings, tmp_path / "ckpt").train())
+    first = sum(h["reward_mean"] for h in history[:4]) / 4
+    later = sum(h["reward_mean"] for h in history[8:]) / 8
+    # the standard error of the first mean (48 rollouts): the gain must be well beyond noise
+    error = sum(h["reward_std"] for h in history[:4]) / 4 / math.sqrt(4 * 12)
+    print(f"reward-model score {first:.3f} (steps 1-4) -> {later:.3f} (steps 9-16); standard error {error:.3f}")
+    assert later - first > 3 * error, (first, later, error)
+    assert max(h["kl"] for h in history) < 30
