@@ -19,7 +19,7 @@ from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
-VERSION = "2"
+VERSION = "3"
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
 OPTIONAL_INPUTS = {"reward_model": "the reward model PPO optimises against (reward_model)"}
@@ -96,15 +96,20 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     if cfg.method == "ppo":
         _run_ppo(cfg, inputs, out)
         return
-    from datasets import Dataset
+    import shutil
+
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
 
     from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
     from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
 
-    pairs = list(inputs["pairs"].iter_records("data/*/*.jsonl"))  # in file order
-    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
-    assistant = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    from polyalign.stages.core.distributed import rank
+    from polyalign.stages.core.training import streamed_dataset
+
+    art = inputs["pairs"]
+    files = [str(art.file(rel)) for rel in art.listed("data/*/*.jsonl")]  # each checked against its digest
+    n_pairs = art.count_records("data/*/*.jsonl")
+    cache = out.path(f"dataset_cache/rank{rank()}")  # work space, removed before commit
     path = inputs.model(cfg.model)
     tok = load_tokenizer(path, padding_side="left" if cfg.method in ONLINE else "right")
     model = load_causal_lm(path, [str(inputs["policy"].file("model"))], inputs.model_dtype(cfg.model))
@@ -114,17 +119,15 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     kwargs = trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps)
     trainer: Any
     if cfg.method == "dpo":
-        data = Dataset.from_list([{"prompt": user(p["prompt"]), "chosen": assistant(p["chosen"]), "rejected": assistant(p["rejected"])} for p in pairs])
         args = DPOConfig(**kwargs, max_length=cfg.train.max_length, beta=cfg.beta, loss_type=[cfg.loss_type])
-        trainer = DPOTrainer(args=args, train_dataset=data, **common)
+        trainer = DPOTrainer(args=args, train_dataset=streamed_dataset(files, "dpo", cache), **common)
     elif cfg.method == "kto":
         # unpaired: every chosen response is a desirable example, every rejected one not
-        rows = [{"prompt": user(p["prompt"]), "completion": assistant(p[side]), "label": side == "chosen"} for p in pairs for side in ("chosen", "rejected")]
         args = KTOConfig(**kwargs, max_length=cfg.train.max_length, beta=cfg.beta)
-        trainer = KTOTrainer(args=args, train_dataset=Dataset.from_list(rows), **common)
+        trainer = KTOTrainer(args=args, train_dataset=streamed_dataset(files, "kto", cache), **common)
     else:
         # one example per pair: a prompt that several pairs share is sampled as often
-        data = Dataset.from_list([{"prompt": user(p["prompt"])} for p in pairs])
+        data = streamed_dataset(files, "prompt", cache)
         per_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps // cfg.online.num_generations
         if len(data) < per_batch:
             from polyalign.stages.core.errors import UserError
@@ -143,14 +146,16 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         tok.save_pretrained(str(out.path("model")))
 
     stats = train_resumable(trainer, ckpt_dir, save, tensorboard="tensorboard" in cfg.train.report_to)
+    del trainer
+    shutil.rmtree(cache.parent, ignore_errors=True)
     history = stats.pop("log_history")
     out.write_json("train_log.json", history)
     last: dict[str, Any] = next((h for h in reversed(history) if "rewards/accuracies" in h or "reward" in h), {})
-    out.metrics.update(stats, method=cfg.method, pairs=len(pairs), reward_accuracy=last.get("rewards/accuracies"),
+    out.metrics.update(stats, method=cfg.method, pairs=n_pairs, reward_accuracy=last.get("rewards/accuracies"),
                        reward_margin=last.get("rewards/margins"), reward=last.get("reward"))
     what = {"dpo": f"DPO (beta={cfg.beta}, {cfg.loss_type})", "kto": f"KTO (beta={cfg.beta})", "grpo": "GRPO", "rloo": "RLOO"}[cfg.method]
     out.summary = (
-        f"{what} on {len(pairs)} pairs: {stats['global_step']} steps, loss {stats['first_logged_loss']} -> "
+        f"{what} on {n_pairs} pairs: {stats['global_step']} steps, loss {stats['first_logged_loss']} -> "
         f"{stats['last_logged_loss']}" + (f", last reward accuracy {last.get('rewards/accuracies')}." if cfg.method == "dpo"
                                           else f", last mean reward {last.get('reward')}." if cfg.method in ONLINE else ".")
     )

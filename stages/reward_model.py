@@ -7,13 +7,15 @@ accuracy (reward of chosen > reward of rejected) is the stage's headline metric.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
-VERSION = "1"
+VERSION = "2"
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
 
@@ -31,15 +33,24 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
-    from datasets import Dataset
+    """The pairs are streamed: one pass splits them into train and held-out files (and
+    quarantines those too long) in the work folder, training reads the train file through an
+    Arrow table on disk, and the held-out pairs are scored a chunk at a time; the work files
+    are removed before the artifact is committed."""
+    import itertools
+    import json
+    import shutil
+
     from trl import RewardConfig, RewardTrainer
 
+    from polyalign.stages.core.distributed import is_main, rank
     from polyalign.stages.core.io import stable_unit
     from polyalign.stages.core.loading import load_causal_lm, load_reward_model, load_tokenizer
     from polyalign.stages.core.reward import conversation, score
-    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
+    from polyalign.stages.core.store import iter_jsonl
+    from polyalign.stages.core.training import peft_config, streamed_dataset, train_resumable, trainer_kwargs
 
-    pairs = sorted(inputs["pairs"].records("data/*/*.jsonl"), key=lambda r: r["id"])
+    art = inputs["pairs"]
     path = inputs.model(cfg.model)
     tok = load_tokenizer(path, padding_side="right")
 
@@ -48,25 +59,30 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         text = tok.apply_chat_template(conversation(prompt, answer), tokenize=False)
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    too_long = []
-    usable = []
-    for p in pairs:
-        longest = max(n_tokens(p["prompt"], p["chosen"]), n_tokens(p["prompt"], p["rejected"]))
-        if longest > cfg.train.max_length:
-            too_long.append({"id": p["id"], "lang": p["lang"], "reason": f"{longest} tokens > max_length {cfg.train.max_length}"})
-        else:
-            usable.append(p)
-    out.write_jsonl("quarantine.jsonl", too_long)
-    held = [p for p in usable if stable_unit(p["id"]) < cfg.eval_fraction]
-    train = [p for p in usable if stable_unit(p["id"]) >= cfg.eval_fraction]
-    if not train:
+    work = out.path(f"work/rank{rank()}")
+    work.mkdir(parents=True, exist_ok=True)
+    counts = {"pairs": 0, "train": 0, "held": 0, "too_long": 0}
+    with open(work / "train.jsonl", "w", encoding="utf-8") as train_f, open(work / "held.jsonl", "w", encoding="utf-8") as held_f, \
+            open(work / "too_long.jsonl", "w", encoding="utf-8") as long_f:
+        for rel in art.listed("data/*/*.jsonl"):
+            for _, p in iter_jsonl(art.file(rel)):
+                counts["pairs"] += 1
+                longest = max(n_tokens(p["prompt"], p["chosen"]), n_tokens(p["prompt"], p["rejected"]))
+                if longest > cfg.train.max_length:
+                    counts["too_long"] += 1
+                    row = {"id": p["id"], "lang": p["lang"], "reason": f"{longest} tokens > max_length {cfg.train.max_length}"}
+                    long_f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    continue
+                held = stable_unit(p["id"]) < cfg.eval_fraction
+                counts["held" if held else "train"] += 1
+                (held_f if held else train_f).write(json.dumps(p, ensure_ascii=False) + "\n")
+    out.write_jsonl("quarantine.jsonl", (row for _, row in iter_jsonl(work / "too_long.jsonl")))
+    if not counts["train"]:
         raise RuntimeError(
-            f"reward_model: no training pairs ({len(pairs)} pairs, {len(too_long)} too long, "
+            f"reward_model: no training pairs ({counts['pairs']} pairs, {counts['too_long']} too long, "
             f"eval_fraction {cfg.eval_fraction})"
         )
-    data = Dataset.from_list(
-        [{"chosen": conversation(p["prompt"], p["chosen"]), "rejected": conversation(p["prompt"], p["rejected"])} for p in train]
-    )
+    data = streamed_dataset([str(work / "train.jsonl")], "reward", work / "dataset_cache")
     sft_adapter = str(inputs["policy"].file("model"))
     model = load_causal_lm(path, [sft_adapter], inputs.model_dtype(cfg.model), num_labels=1)
     ckpt_dir = out.path("checkpoints")
@@ -78,21 +94,32 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         tok.save_pretrained(str(out.path("model")))
 
     stats = train_resumable(trainer, ckpt_dir, save, tensorboard="tensorboard" in cfg.train.report_to)
-    del trainer, model
+    del trainer, model, data
 
     accuracy = None
-    if held:
+    if counts["held"] and is_main():
         # score with the saved artifact, loaded the way consumers of the reward model load it
         rm = load_reward_model(path, [sft_adapter, str(out.path("model"))], inputs.model_dtype(cfg.model))
-        conv = [conversation(p["prompt"], p["chosen"]) for p in held] + [conversation(p["prompt"], p["rejected"]) for p in held]
-        rewards = score(rm, tok, conv, cfg.batch_size)
-        chosen, rejected = rewards[: len(held)], rewards[len(held) :]
-        accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(held)
-        out.write_jsonl("heldout_scores.jsonl", [{"id": p["id"], "lang": p["lang"], "reward_chosen": c, "reward_rejected": r} for p, c, r in zip(held, chosen, rejected)])
+        correct = [0]
+
+        def scored() -> Any:
+            rows = (p for _, p in iter_jsonl(work / "held.jsonl"))
+            while chunk := list(itertools.islice(rows, 512)):
+                conv = [conversation(p["prompt"], p["chosen"]) for p in chunk] + [conversation(p["prompt"], p["rejected"]) for p in chunk]
+                rewards = score(rm, tok, conv, cfg.batch_size)
+                for p, c, r in zip(chunk, rewards[: len(chunk)], rewards[len(chunk) :]):
+                    correct[0] += c > r
+                    yield {"id": p["id"], "lang": p["lang"], "reward_chosen": c, "reward_rejected": r}
+
+        out.write_jsonl("heldout_scores.jsonl", scored())
+        accuracy = correct[0] / counts["held"]
+    shutil.rmtree(work, ignore_errors=True)
+    if is_main():
+        shutil.rmtree(work.parent, ignore_errors=True)  # every process's work files
     out.write_json("train_log.json", stats.pop("log_history"))
-    out.metrics.update(stats, train_pairs=len(train), heldout_pairs=len(held), quarantined_too_long=len(too_long), heldout_accuracy=accuracy)
-    acc_text = f"{accuracy:.3f} on {len(held)} held-out pairs" if accuracy is not None else "not measured (no held-out pairs)"
+    out.metrics.update(stats, train_pairs=counts["train"], heldout_pairs=counts["held"], quarantined_too_long=counts["too_long"], heldout_accuracy=accuracy)
+    acc_text = f"{accuracy:.3f} on {counts['held']} held-out pairs" if accuracy is not None else "not measured (no held-out pairs)"
     out.summary = (
-        f"Reward model trained on {len(train)} pairs for {stats['global_step']} steps; pairwise accuracy "
-        f"{acc_text}; {len(too_long)} pairs longer than max_length quarantined."
+        f"Reward model trained on {counts['train']} pairs for {stats['global_step']} steps; pairwise accuracy "
+        f"{acc_text}; {counts['too_long']} pairs longer than max_length quarantined."
     )

@@ -204,3 +204,36 @@ def user_message(record: dict[str, Any]) -> str:
     if record.get("input", "").strip():
         text += "\n\n" + record["input"].strip()
     return text
+
+
+def pair_rows(paths: list[str], kind: str) -> Any:
+    """Training examples from preference-pair files, one line at a time (a generator for
+    `datasets.Dataset.from_generator`, so the pairs are never all in memory):
+    - dpo: prompt, chosen, rejected (conversational);
+    - kto: each pair twice, unpaired: the chosen completion labelled True, the rejected False;
+    - prompt: the prompt alone (online methods);
+    - reward: chosen and rejected whole conversations (reward modelling)."""
+    from polyalign.stages.core.store import iter_jsonl
+
+    for path in paths:
+        for _, p in iter_jsonl(Path(path)):
+            user = [{"role": "user", "content": p["prompt"]}]
+            chosen = [{"role": "assistant", "content": p["chosen"]}]
+            rejected = [{"role": "assistant", "content": p["rejected"]}]
+            if kind == "dpo":
+                yield {"prompt": user, "chosen": chosen, "rejected": rejected}
+            elif kind == "kto":
+                yield {"prompt": user, "completion": chosen, "label": True}
+                yield {"prompt": user, "completion": rejected, "label": False}
+            elif kind == "prompt":
+                yield {"prompt": user}
+            else:
+                yield {"chosen": user + chosen, "rejected": user + rejected}
+
+
+def streamed_dataset(paths: list[str], kind: str, cache: Path) -> Any:
+    """`pair_rows(paths, kind)` as an Arrow-backed dataset written under `cache` (work space
+    of the stage, to be removed before its artifact is committed)."""
+    from datasets import Dataset
+
+    return Dataset.from_generator(pair_rows, gen_kwargs={"paths": paths, "kind": kind}, cache_dir=str(cache))
