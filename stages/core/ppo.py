@@ -108,6 +108,9 @@ class PPOTrainer:
 
         self.model, self.tok, self.prompts, self.reward_fn, self.s = model, tokenizer, list(prompts), reward_fn, settings
         self.dir = Path(checkpoint_dir)
+        # a prompt over max_prompt_tokens loses its beginning, never the turn that asks for
+        # the response at its end
+        self.tok.truncation_side = "left"
         if not self.prompts:
             raise ValueError("ppo: no prompts")
         hidden = model.get_base_model().config.hidden_size
