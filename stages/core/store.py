@@ -349,17 +349,7 @@ class ArtifactWriter:
     def records(self, pattern: str, keys: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Records of the work folder's JSONL files matching `pattern`; each an object that
         has `keys`."""
-        out: list[dict[str, Any]] = []
-        for shard in sorted(self.dir.glob(pattern)):
-            try:
-                rows = parse_jsonl(shard.read_bytes())
-            except (OSError, ValueError) as exc:
-                raise self.unreadable(shard, _reason(exc), marker=False) from None
-            for i, row in enumerate(rows, 1):
-                if not isinstance(row, dict) or any(k not in row for k in keys):
-                    raise self.unreadable(shard, f"record {i} is not an object with {', '.join(keys) or 'fields'}", marker=False)
-            out.extend(rows)
-        return out
+        return list(self.iter_records(pattern, keys))
 
     def iter_records(self, pattern: str, keys: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         """`records(pattern, keys)` one record at a time (bounded memory)."""
