@@ -60,6 +60,12 @@ class PPOSection(BaseModel):
     vf_coef: float = Field(1.0, ge=0, description="Value loss coefficient (Okapi: 1.0).")
     reward_clip: float = Field(10.0, gt=0, description="Scores are clipped to +- this (Okapi: 10).")
     missing_eos_penalty: float | None = Field(None, ge=0, description="Subtracted from the score of a response that never ended.")
+    num_layers_unfrozen: int | None = Field(
+        None, gt=0, description="Train the top N decoder layers instead of a LoRA adapter (Okapi: 5); the reference "
+        "then keeps a frozen copy of those N layers, and the artifact is a full model.")
+    critic: Literal["shared", "separate"] = Field(
+        "shared", description="shared: the value head reads the policy's own last hidden state; separate: a second "
+        "copy of the SFT model with its own LoRA adapter (align.lora's settings) carries the value head.")
     seed: int = Field(0, description="Seed of sampling, shuffling and the value head.")
 
 
@@ -206,21 +212,39 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
     from polyalign.stages.core.reward import conversation, score
     from polyalign.stages.core.training import peft_config
 
-    pairs = list(inputs["pairs"].iter_records("data/*/*.jsonl"))
-    prompts = list(dict.fromkeys(p["prompt"] for p in pairs))  # each once, in file order
+    from polyalign.stages.core.distributed import barrier, is_main, world_size
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.ppo import start_process_group, unfreeze_top_layers
+
+    if cfg.ppo.rollouts % world_size():
+        raise UserError(f"align.ppo.rollouts: {cfg.ppo.rollouts} is not a multiple of the {world_size()} processes")
+    # one copy of the prompts, not of every pair: a prompt has num_responses - 1 pairs or more
+    prompts = list(dict.fromkeys(p["prompt"] for p in inputs["pairs"].iter_records("data/*/*.jsonl")))  # file order
     path = inputs.model(cfg.model)
     dtype = inputs.model_dtype(cfg.model)
     sft = str(inputs["policy"].file("model"))
     tok = load_tokenizer(path)
     lora = peft_config(cfg.lora, "CAUSAL_LM")
-    if lora is None:
-        from polyalign.stages.core.errors import UserError
-
-        raise UserError("align.lora.method: ppo trains an adapter (lora or dora); the reference is the policy with it disabled")
-    lora.lora_dropout = 0.0  # PPO compares log-probabilities before and after updates
+    if lora is None and (not cfg.ppo.num_layers_unfrozen or cfg.ppo.critic == "separate"):
+        raise UserError("align.lora.method: ppo trains an adapter (lora or dora) unless ppo.num_layers_unfrozen is set "
+                        "(and a separate critic always has one)")
+    if lora is not None:
+        lora.lora_dropout = 0.0  # PPO compares log-probabilities before and after updates
+    start_process_group()
     base = load_causal_lm(path, [sft], dtype)
     torch.manual_seed(cfg.ppo.seed)  # the adapter's random init: a resumed run must match
-    policy = get_peft_model(base, lora)
+    if cfg.ppo.num_layers_unfrozen:
+        try:
+            trainable = unfreeze_top_layers(base, cfg.ppo.num_layers_unfrozen)
+        except ValueError as exc:
+            raise UserError(f"align.ppo.{exc}") from None
+        print(f"[align] training the top {cfg.ppo.num_layers_unfrozen} layers: {trainable:,} parameters")
+        policy = base
+    else:
+        policy = get_peft_model(base, lora)
+    critic = None
+    if cfg.ppo.critic == "separate":
+        critic = get_peft_model(load_causal_lm(path, [sft], dtype), lora, adapter_name="critic")
     rm = cached_reward_model(path, [sft, str(inputs["reward_model"].file("model"))], dtype)
     rm_tok = load_tokenizer(path, padding_side="right")
     chat = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -229,15 +253,18 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
     def reward(batch_prompts: list[str], responses: list[str]) -> list[float]:
         return score(rm, rm_tok, [conversation(text_of[p], r) for p, r in zip(batch_prompts, responses)], cfg.ppo.minibatch)
 
-    trainer = PPOTrainer(policy, tok, chat, reward, PPOSettings(**cfg.ppo.model_dump()), out.path("checkpoints"))
+    settings = PPOSettings(**cfg.ppo.model_dump(exclude={"num_layers_unfrozen", "critic"}))
+    trainer = PPOTrainer(policy, tok, chat, reward, settings, out.path("checkpoints"), critic=critic)
     if trainer.step:
         print(f"[align] resuming PPO after step {trainer.step}")
     board = None
-    if "tensorboard" in cfg.train.report_to:
+    if "tensorboard" in cfg.train.report_to and is_main():
         from torch.utils.tensorboard import SummaryWriter
 
         board = SummaryWriter(log_dir=str(out.path("tensorboard")))
     for m in trainer.train():
+        if not is_main():
+            continue
         print(f"[align] ppo step {m['step']}/{cfg.ppo.steps}: reward {m['reward_mean']:.3f}, kl {m['kl']:.3f}, kl_coef {m['kl_coef']:.4f}")
         if board is not None:
             for key, value in m.items():
@@ -246,6 +273,10 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
             board.flush()
     if board is not None:
         board.close()
+    if not is_main():
+        barrier()  # until the main process has saved the model and written `done`
+        return
+    # an adapter, or (top layers trained) the whole model with the SFT adapter merged
     policy.save_pretrained(str(out.path("model")), safe_serialization=True)
     tok.save_pretrained(str(out.path("model")))
     history = trainer.history
@@ -253,7 +284,9 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
         "method": "ppo", "steps": trainer.step, "prompts": len(prompts),
         "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
         "kl_last": history[-1]["kl"], "kl_coef_last": history[-1]["kl_coef"],
-        "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "trainable_params": sum(p.numel() for p in trainer.trainable.values()) + sum(p.numel() for p in trainer.critic_params.values()),
+        "processes": world_size(), "critic": cfg.ppo.critic,
+        "trained": f"top {cfg.ppo.num_layers_unfrozen} layers" if cfg.ppo.num_layers_unfrozen else "adapter",
         "total_params": sum(p.numel() for p in policy.parameters()),
         # for the efficiency report: each batch is trained ppo_epochs times and run forward
         # twice more (old policy, reference); generation runs forward once per new token
@@ -265,3 +298,4 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
     tmp.write_text(json.dumps(stats))
     tmp.replace(done)
     shutil.rmtree(out.path("checkpoints"), ignore_errors=True)
+    barrier()

@@ -1,8 +1,10 @@
 """Reward model: TRL's RewardTrainer (Bradley-Terry loss) with LoRA on the preference pairs.
 
 The reward model starts from the SFT model (base + SFT adapter merged) with a new scalar
-head. Pairs are split deterministically by id into train and held-out; the held-out pairwise
-accuracy (reward of chosen > reward of rejected) is the stage's headline metric.
+head, and trains a LoRA adapter on it, or (`trainable_layers`, as Okapi did with its last 12
+layers) the top decoder layers and the head, saved as a full model. Pairs are split
+deterministically by id into train and held-out; the held-out pairwise accuracy (reward of
+chosen > reward of rejected), overall and per language, is the stage's headline metric.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
-VERSION = "2"
+VERSION = "3"
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
 
@@ -24,6 +26,9 @@ class Config(StageConfig):
     model: str = model_field("Base model (name in `models:`) the SFT adapter belongs to.")
     eval_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pairs held out for accuracy.")
     lora: PeftSettings = Field(default_factory=PeftSettings, description="Adapter settings.")
+    trainable_layers: int | None = Field(
+        None, gt=0, description="Train the last N decoder layers and the score head instead of an adapter "
+        "(Okapi: 12); the artifact is then a full model and `lora` is not used.")
     train: TrainSettings = Field(
         default_factory=lambda: TrainSettings(learning_rate=5e-5), description="Optimisation settings."
     )
@@ -85,9 +90,22 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     data = streamed_dataset([str(work / "train.jsonl")], "reward", work / "dataset_cache")
     sft_adapter = str(inputs["policy"].file("model"))
     model = load_causal_lm(path, [sft_adapter], inputs.model_dtype(cfg.model), num_labels=1)
+    peft = peft_config(cfg.lora, "SEQ_CLS")
+    if cfg.trainable_layers:
+        from polyalign.stages.core.errors import UserError
+        from polyalign.stages.core.ppo import unfreeze_top_layers
+
+        try:
+            unfreeze_top_layers(model, cfg.trainable_layers)
+        except ValueError as exc:
+            raise UserError(f"reward_model.trainable_layers: {str(exc).split(': ', 1)[1]}") from None
+        head = getattr(model, "score", None) or model.classifier
+        for p in head.parameters():  # the new head always trains
+            p.requires_grad_(True)
+        peft = None
     ckpt_dir = out.path("checkpoints")
     args = RewardConfig(**trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps), max_length=cfg.train.max_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config(cfg.lora, "SEQ_CLS"))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
 
     def save() -> None:
         trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
@@ -97,10 +115,12 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     del trainer, model, data
 
     accuracy = None
+    per_language: dict[str, dict[str, float]] = {}
     if counts["held"] and is_main():
         # score with the saved artifact, loaded the way consumers of the reward model load it
         rm = load_reward_model(path, [sft_adapter, str(out.path("model"))], inputs.model_dtype(cfg.model))
         correct = [0]
+        by_lang: dict[str, list[int]] = {}  # language -> [correct, pairs]
 
         def scored() -> Any:
             rows = (p for _, p in iter_jsonl(work / "held.jsonl"))
@@ -109,16 +129,24 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
                 rewards = score(rm, tok, conv, cfg.batch_size)
                 for p, c, r in zip(chunk, rewards[: len(chunk)], rewards[len(chunk) :]):
                     correct[0] += c > r
+                    tally = by_lang.setdefault(p["lang"], [0, 0])
+                    tally[0] += c > r
+                    tally[1] += 1
                     yield {"id": p["id"], "lang": p["lang"], "reward_chosen": c, "reward_rejected": r}
 
         out.write_jsonl("heldout_scores.jsonl", scored())
         accuracy = correct[0] / counts["held"]
+        per_language = {lang: {"accuracy": ok / n, "pairs": n} for lang, (ok, n) in sorted(by_lang.items())}
     shutil.rmtree(work, ignore_errors=True)
     if is_main():
         shutil.rmtree(work.parent, ignore_errors=True)  # every process's work files
     out.write_json("train_log.json", stats.pop("log_history"))
-    out.metrics.update(stats, train_pairs=counts["train"], heldout_pairs=counts["held"], quarantined_too_long=counts["too_long"], heldout_accuracy=accuracy)
+    out.metrics.update(stats, train_pairs=counts["train"], heldout_pairs=counts["held"], quarantined_too_long=counts["too_long"], heldout_accuracy=accuracy,
+                       heldout_accuracy_by_language=per_language,
+                       trained=f"last {cfg.trainable_layers} layers and the head" if cfg.trainable_layers else cfg.lora.method)
     acc_text = f"{accuracy:.3f} on {counts['held']} held-out pairs" if accuracy is not None else "not measured (no held-out pairs)"
+    if per_language:
+        acc_text += " (" + ", ".join(f"{lang} {v['accuracy']:.2f} of {v['pairs']}" for lang, v in per_language.items()) + ")"
     out.summary = (
         f"Reward model trained on {counts['train']} pairs for {stats['global_step']} steps; pairwise accuracy "
         f"{acc_text}; {counts['too_long']} pairs longer than max_length quarantined."

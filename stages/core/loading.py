@@ -115,9 +115,12 @@ def load_causal_lm(
 
 def load_reward_model(path: str, adapters: Sequence[str], dtype: str = "auto") -> Any:
     """A reward model: sequence classifier with the SFT adapter merged, then the RM adapter
-    (whose saved modules include the trained score head)."""
+    (whose saved modules include the trained score head); or, when the last entry is a full
+    model (trained layers and head), that model."""
     from peft import PeftModel
 
+    if not is_adapter(adapters[-1]):
+        return load_causal_lm(path, adapters, dtype, num_labels=1)
     model = load_causal_lm(path, adapters[:-1], dtype, num_labels=1)
     model = PeftModel.from_pretrained(model, adapters[-1]).merge_and_unload()
     model.to(device())

@@ -202,12 +202,12 @@ def run_stage(pipeline: Pipeline, stage: str) -> tuple[Artifact, bool]:
         return hit, True
     if distributed.world_size() > 1:
         node = pipeline.nodes[stage]
-        if node.type not in TRAINING or getattr(node.config, "method", None) == "ppo":
+        if node.type not in TRAINING:
             from polyalign.stages.core.errors import UserError
 
             raise UserError(
-                f"stage {stage!r} ({node.type}{', ppo' if node.type == 'align' else ''}) runs in one process; "
-                f"only {', '.join(TRAINING)} (not ppo yet) run under accelerate launch / torchrun"
+                f"stage {stage!r} ({node.type}) runs in one process; "
+                f"only {', '.join(TRAINING)} run under accelerate launch / torchrun"
             )
         if not distributed.is_main():
             return _follow(pipeline, stage), False

@@ -161,3 +161,90 @@ def test_trl_methods_train_the_adapter(upstream, tmp_path, method):
     assert any(float(w.abs().max()) > 0 for k, w in weights.items() if "lora_B" in k)
     if method != "kto":
         assert any("reward" in h for h in art.read_json("train_log.json"))
+
+
+def test_ppo_under_torchrun_two_processes_shares_the_rollouts_and_commits_one_artifact(upstream, tmp_path):
+    """Two processes (gloo on CPU) each sample half of every step's rollouts; their averaged
+    gradients keep the weights identical (the trainer checks at every checkpoint); the main
+    process alone writes the artifact."""
+    import shutil
+
+    from peft import PeftModel
+
+    from polyalign.stages.core.loading import load_causal_lm
+    from polyalign.stages.core.prepare import ensure_model
+
+    store = str(tmp_path / "store")
+    shutil.copytree(upstream, store)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "polyalign", "stage", "align", str(TINY),
+         "--store", store, *_sets(*PPO)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = [line for line in proc.stdout.splitlines() if line.startswith("align: done -> ")]
+    assert len(done) == 2 and done[0] == done[1]
+    assert proc.stdout.count("ppo step 4/4") == 1  # printed by the main process only
+    art = _artifact(store)
+    m = art.metrics
+    assert m["processes"] == 2 and m["steps"] == 4
+    log = art.read_json("train_log.json")
+    assert [h["step"] for h in log] == [1, 2, 3, 4]
+    # each step's figures cover both processes' rollouts: 8 responses, not 4
+    assert all(h["generated_tokens"] >= 8 and h["generated_tokens"] / h["response_length"] == pytest.approx(8) for h in log)
+    assert not any(rel.startswith("checkpoints/") for rel in art.files)
+    pipe = load_pipeline(TINY, PPO, store=store)
+    base = load_causal_lm(ensure_model(pipe.header.models["base"], pipe.models_root), dtype="float32")
+    assert PeftModel.from_pretrained(base, art.file("model")) is not None
+
+
+def test_ppo_with_top_layers_unfrozen_and_a_separate_critic_saves_a_full_model_that_exports(upstream, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    store = str(tmp_path / "store")
+    shutil.copytree(upstream, store)
+    extra = ["align.ppo.num_layers_unfrozen=1", "align.ppo.critic=separate", "align.ppo.steps=2"]
+    proc = cli("stage", "align", str(TINY), "--store", store, *_sets(*PPO, *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training the top 1 layers" in proc.stdout + proc.stderr
+    art = _artifact(store, extra)
+    assert art.metrics["trained"] == "top 1 layers" and art.metrics["critic"] == "separate"
+    assert "model/config.json" in art.files and "model/adapter_config.json" not in art.files
+    out = tmp_path / "merged"
+    assert cli("export", str(TINY), str(out), "--store", store, *_sets(*PPO, *extra)).returncode == 0
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    bad = cli("validate", str(TINY), *_sets(*PPO, "align.ppo.num_layers_unfrozen=0"), timeout=120)
+    assert bad.returncode == 2 and "num_layers_unfrozen" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reward_model_with_its_last_layers_trainable_reports_accuracy_per_language(upstream, tmp_path):
+    """Okapi's reward model: the last layers and the head train (no adapter); the held-out
+    accuracy is reported for each language."""
+    import shutil
+
+    import torch
+
+    from polyalign.stages.core.loading import load_causal_lm, load_reward_model
+    from polyalign.stages.core.prepare import ensure_model
+
+    store = str(tmp_path / "store")
+    shutil.copytree(upstream, store)
+    sets = ["reward_model.trainable_layers=1"]
+    proc = cli("stage", "reward_model", str(TINY), "--store", store, *_sets(*sets))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(TINY, sets, store=store)
+    art = pipe.store.open("reward_model", pipe.fingerprints()["reward_model"])
+    m = art.metrics
+    assert m["trained"] == "last 1 layers and the head" and "model/config.json" in art.files
+    per = m["heldout_accuracy_by_language"]
+    assert set(per) == {r["lang"] for r in art.iter_records("heldout_scores.jsonl")} and per
+    assert sum(v["pairs"] for v in per.values()) == m["heldout_pairs"]
+    assert sum(v["accuracy"] * v["pairs"] for v in per.values()) == pytest.approx(m["heldout_accuracy"] * m["heldout_pairs"])
+    path = ensure_model(pipe.header.models["base"], pipe.models_root)
+    sft = str(pipe.store.open("sft", pipe.fingerprints()["sft"]).file("model"))
+    start = dict(load_causal_lm(path, [sft], dtype="float32", num_labels=1).named_parameters())
+    trained = dict(load_reward_model(path, [sft, str(art.file("model"))], "float32").named_parameters())
+    n_layers = pipe.header.models["base"].tiny.num_layers
+    changed = {n for n, p in trained.items() if n in start and "score" not in n and not torch.equal(p, start[n])}
+    assert changed and all(f"layers.{n_layers - 1}." in n for n in changed), sorted(changed)[:4]

@@ -53,4 +53,4 @@ def test_a_stage_that_cannot_run_on_several_processes_says_so(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode != 0
-    assert "only sft, reward_model, align (not ppo yet) run under accelerate launch / torchrun" in proc.stderr
+    assert "only sft, reward_model, align run under accelerate launch / torchrun" in proc.stderr

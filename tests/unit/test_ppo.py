@@ -162,3 +162,66 @@ def test_mean_reward_rises_against_a_learned_reward_model(tmp_path):
     print(f"reward-model score {first:.3f} (steps 1-4) -> {later:.3f} (steps 9-16); standard error {error:.3f}")
     assert later - first > 3 * error, (first, later, error)
     assert max(h["kl"] for h in history) < 30
+
+
+def _base(seed: int = 11):
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
+    from polyalign.stages.core.prepare import ensure_model
+
+    path = ensure_model(ModelSpec(tiny=TinySpec(seed=seed)), models_dir())
+    return load_causal_lm(path, dtype="float32"), load_tokenizer(path)
+
+
+def test_top_layers_unfrozen_train_while_the_reference_keeps_their_starting_copy(tmp_path):
+    """Okapi's num_layers_unfrozen: only the last layers change; the reference (the same
+    network with those layers' starting weights) makes the first step's KL exactly zero."""
+    from polyalign.stages.core.ppo import decoder_layers, unfreeze_top_layers
+
+    model, tok = _base()
+    layers = decoder_layers(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = unfreeze_top_layers(model, 1)
+    assert trainable == sum(p.numel() for p in layers[-1].parameters())
+    with pytest.raises(ValueError, match="num_layers_unfrozen: 99 is not between 1 and"):
+        unfreeze_top_layers(model, 99)
+    unfreeze_top_layers(model, 1)
+    settings = PPOSettings(steps=6, rollouts=12, chunk=12, minibatch=6, ppo_epochs=2, learning_rate=3e-3,
+                           max_new_tokens=12, kl_coef=0.1, kl_target=None, seed=1)
+    trainer = PPOTrainer(model, tok, PROMPTS, _share_of_e, settings, tmp_path / "ckpt")
+    history = list(trainer.train())
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert history[-1]["kl"] > 1e-3  # the policy moved away from its reference
+    last = f"{len(layers) - 1}."
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(last in n for n in changed), sorted(changed)[:3]
+    # the checkpoint holds the trained layers: a fresh model resumes with them
+    fresh, _ = _base()
+    unfreeze_top_layers(fresh, 1)
+    resumed = PPOTrainer(fresh, tok, PROMPTS, _share_of_e, settings, tmp_path / "ckpt")
+    assert resumed.step == 6
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fresh.named_parameters())
+    # and its reference is still the starting weights, not the resumed ones
+    assert all(torch.equal(t, before[n]) for n, t in resumed._reference.items())
+
+
+def test_a_separate_critic_takes_the_value_gradients_and_leaves_the_policy_to_the_policy_loss(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = _policy()
+    base, _ = _base()
+    critic = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]), adapter_name="critic")
+    critic_before = {n: p.detach().clone() for n, p in critic.named_parameters() if p.requires_grad}
+    settings = PPOSettings(steps=2, rollouts=6, chunk=6, minibatch=3, ppo_epochs=1, learning_rate=1e-2, max_new_tokens=8, seed=2)
+    trainer = PPOTrainer(model, tok, PROMPTS, _share_of_e, settings, tmp_path / "ckpt", critic=critic)
+    # the policy's backbone is not the critic's: the value loss alone gives the policy no gradient
+    ids = tok(["Say hello. eee"], return_tensors="pt")["input_ids"]
+    _, values, _ = trainer._forward(ids, torch.ones_like(ids), 3, with_values=True)
+    values.sum().backward()
+    assert all(p.grad is None for p in trainer.trainable.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.critic_params.values())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    history = list(trainer.train())
+    assert len(history) == 2 and history[-1]["value_loss"] > 0
+    assert any(not torch.equal(p, critic_before[n]) for n, p in critic.named_parameters() if p.requires_grad)
+    assert (tmp_path / "ckpt" / "step-2" / "critic.safetensors").exists()
