@@ -1,7 +1,9 @@
-"""A training stage under a multi-process launcher (torchrun, 2 processes, gloo on CPU):
-both processes train, only the main one writes, and the store ends with one artifact whose
-adapter loads. (accelerate launch starts several CPU processes only through mpirun; on GPUs
-it is `accelerate launch --config_file configs/accelerate/ddp.yaml ...`, same code path.)"""
+"""A training stage under a multi-process launcher (accelerate launch, 2 processes, gloo on
+CPU): both processes train, only the main one writes, and the store ends with one artifact
+whose adapter loads. (`accelerate launch --cpu` starts several processes only through mpirun;
+`--multi_gpu` on a machine without GPUs starts them through torch.distributed.run, and the
+Trainer joins them with gloo: the code path of `--config_file configs/accelerate/ddp.yaml` on
+GPUs.)"""
 
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from tests.conftest import ROOT, TINY, cli
 pytestmark = pytest.mark.integration
 
 
-def test_sft_under_torchrun_two_processes_commits_one_artifact(tmp_path):
+def test_sft_under_accelerate_launch_two_processes_commits_one_artifact(tmp_path):
     store = str(tmp_path / "store")
     assert cli("run", str(TINY), "--until", "translate", "--store", store).returncode == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "polyalign", "stage", "sft", str(TINY), "--store", store],
+        [*launch, "-m", "polyalign", "stage", "sft", str(TINY), "--store", store],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,6 +37,8 @@ def test_sft_under_torchrun_two_processes_commits_one_artifact(tmp_path):
     pipe = load_pipeline(TINY, store=store)
     art = pipe.store.open("sft", pipe.fingerprints()["sft"])
     assert art.metrics["global_step"] == 8 and len(art.read_json("train_log.json")) > 0
+    # data parallel: each of the 8 steps took a batch in each process (2 x 4 of the 69 examples)
+    assert max(h.get("epoch", 0) for h in art.read_json("train_log.json")) == pytest.approx(8 / 9, abs=1e-3)
     assert not any(rel.startswith(("checkpoints/", "dataset_cache/")) for rel in art.files)
     # the main process alone wrote training curves (TensorBoard) and the efficiency report
     assert len([rel for rel in art.files if rel.startswith("tensorboard/events.out.tfevents")]) == 1
