@@ -1,14 +1,18 @@
 """The polyalign DAG as one Prefect flow.
 
-Each stage is a task. A stage whose artifact is already in the store returns a `Cached` state
-(the store, not Prefect's task cache, is the source of truth), so the UI shows what was
-reused and retrying a failed flow run resumes it. Fan-out stages (translation and evaluation,
-one unit per language) run their units as concurrent tasks; a failing language does not stop
-the others from finishing and saving their shards.
+Each stage is a task that waits on the tasks of its upstream stages, so the run graph draws
+the DAG and independent stages run side by side (training stages one at a time in a process:
+they share its devices). A stage whose artifact is already in the store returns a `Cached`
+state (the store, not Prefect's task cache, is the source of truth) and still publishes its
+markdown artifact, so the UI shows what was reused and retrying a failed flow run resumes it.
+Fan-out stages (translation and evaluation, one unit per language) run their units as
+concurrent tasks named by language; a failing language does not stop the others from
+finishing and saving their shards.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prefect import flow, task
@@ -57,17 +61,31 @@ def _stage_markdown(stage: str, art: Any, was_cached: bool) -> str:
 USER_ERROR = "polyalign: "
 
 
+_TRAINING = threading.Lock()  # one training stage at a time per process: they share its devices
+
+
+def _publish(pipeline: Pipeline, stage: str, art: Any, was_cached: bool) -> None:
+    create_markdown_artifact(key=_artifact_key(pipeline, stage), markdown=_stage_markdown(stage, art, was_cached),
+                             description=f"polyalign stage {stage}")
+
+
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
 def stage_task(config: str, overrides: list[str], store: str | None, stage: str) -> Any:
     try:
         pipeline = load_pipeline(config, overrides, store)
         hit = runner.cached(pipeline, stage)
+        if hit is None and pipeline.nodes[stage].type in runner.TRAINING:
+            with _TRAINING:
+                hit = runner.cached(pipeline, stage)
+                art = runner.finish(pipeline, stage) if hit is None else None
+        elif hit is None:
+            art = runner.finish(pipeline, stage)
         if hit is not None:
+            _publish(pipeline, stage, hit, True)
             return Completed(name="Cached", message=f"{stage}: reused artifact {hit.fingerprint[:12]}", data=hit.manifest.get("summary", ""))
-        art = runner.finish(pipeline, stage)
     except UserError as exc:
         return Failed(message=USER_ERROR + str(exc))
-    create_markdown_artifact(key=_artifact_key(pipeline, stage), markdown=_stage_markdown(stage, art, False), description=f"polyalign stage {stage}")
+    _publish(pipeline, stage, art, False)
     return art.manifest.get("summary", "")
 
 
@@ -103,24 +121,34 @@ def polyalign_flow(
         pipeline = load_pipeline(config, overrides, store)
         pipeline.store.check_root(writable=True)
         pipeline.check_servers([p.name for p in pipeline.plan(pipeline.until(until)) if p.state != "cached"])
-        for stage in pipeline.until(until):
-            if runner.cached(pipeline, stage) is None:
-                fan = runner.units(pipeline, stage)
-                if fan:
-                    futures = [unit_task.submit(config, overrides, store, stage, u) for u in fan]
-                    wait(futures)
-                    failed = {u: f.state for u, f in zip(fan, futures) if f.state.is_failed() or f.state.is_crashed()}
-                    if failed:
-                        done = [u for u in fan if u not in failed]
-                        reasons = "; ".join(f"{u}: {(st.message or st.name).removeprefix(USER_ERROR)}" for u, st in failed.items())
-                        message = f"stage {stage}: units {list(failed)} failed ({reasons}); {done} finished and are kept"
-                        if all((st.message or "").startswith(USER_ERROR) for st in failed.values()):
-                            return Failed(message=USER_ERROR + message)
-                        raise UnitsFailed(message)
-            state = stage_task(config, overrides, store, stage, return_state=True)
+        # every task is submitted now, in topological order, waiting on its upstream stages'
+        # tasks: a worker thread only ever waits on tasks submitted before its own, so the
+        # oldest unfinished task can always run and any pool size makes progress
+        stages = pipeline.until(until)
+        futures: dict[str, Any] = {}
+        unit_futures: dict[str, list[tuple[str, Any]]] = {}
+        for stage in stages:
+            upstream = [futures[s] for s in dict.fromkeys(pipeline.nodes[stage].inputs.values()) if s in futures]
+            fan = runner.units(pipeline, stage) if runner.cached(pipeline, stage) is None else None
+            unit_futures[stage] = [(u, unit_task.submit(config, overrides, store, stage, u, wait_for=upstream)) for u in fan or []]
+            futures[stage] = stage_task.submit(config, overrides, store, stage, wait_for=upstream + [f for _, f in unit_futures[stage]])
+        wait(list(futures.values()))
+        for stage in stages:  # the first stage that failed, upstream first, decides the run's end
+            fan_states = [(u, f.state) for u, f in unit_futures[stage]]
+            failed = {u: st for u, st in fan_states if st.is_failed() or st.is_crashed()}
+            if failed:
+                done = [u for u, _ in fan_states if u not in failed]
+                reasons = "; ".join(f"{u}: {(st.message or st.name).removeprefix(USER_ERROR)}" for u, st in failed.items())
+                message = f"stage {stage}: units {list(failed)} failed ({reasons}); {done} finished and are kept"
+                if all((st.message or "").startswith(USER_ERROR) for st in failed.values()):
+                    return Failed(message=USER_ERROR + message)
+                raise UnitsFailed(message)
+            state = futures[stage].state
             if not state.is_completed():
                 if (state.message or "").startswith(USER_ERROR):
                     return Failed(message=state.message)
+                if not state.is_final():
+                    raise RuntimeError(f"stage {stage}: {state.name} ({state.message})")
                 state.result()  # re-raises the stage's exception and fails the flow
             states[stage] = state.name
         _summary_artifact(pipeline, list(states), states)
