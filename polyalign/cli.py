@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -157,7 +158,7 @@ def run(
     set_: SetOpt = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this stage.")] = None,
     store: StoreOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Fan-out tasks (languages) run at once.")] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Stage or fan-out tasks (languages) run at once.")] = 2,
 ) -> None:
     """Run the pipeline as a Prefect flow, resuming from the store."""
     pipe = _load(config, set_, store)
@@ -168,12 +169,9 @@ def run(
 
     # the embedded server's usage telemetry cannot reach out offline and logs an ERROR each time
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from polyalign.flows.pipeline import polyalign_flow
 
-    flow = polyalign_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
-    state = flow(config, list(set_ or []), until, store, return_state=True)
+    state = polyalign_flow(config, list(set_ or []), until, store, concurrency, return_state=True)
     if not state.is_completed():
         from polyalign.flows.pipeline import USER_ERROR
         from polyalign.stages.core.errors import UserError
@@ -221,6 +219,101 @@ def stage(
         _fail(str(exc))
     typer.echo(f"{name}: {'cached' if was_cached else 'done'} -> {art.path}")
     typer.echo(art.manifest.get("summary", ""))
+
+
+def _api_reachable() -> str:
+    """The Prefect API URL this process talks to; a one-line error when none answers."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        _fail("no Prefect server configured: start one (`make server`) and set PREFECT_API_URL, "
+              "e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as reply:
+            reply.read()
+    except OSError as exc:
+        _fail(f"PREFECT_API_URL {url}: no Prefect server answers ({exc}); start one with `make server`")
+    return str(url)
+
+
+@app.command()
+def serve(
+    configs: Annotated[list[str], typer.Argument(help="Pipeline YAMLs: one deployment each.")],
+    cron: Annotated[Optional[str], typer.Option("--cron", help="Schedule: a cron expression, e.g. '0 3 * * *'.")] = None,
+    interval: Annotated[Optional[float], typer.Option("--interval", min=1, help="Schedule: seconds between runs.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Deployment name (default: the pipeline's name).")] = None,
+) -> None:
+    """Serve one deployment per config from this process until Ctrl-C: runs start on their
+    schedule (--cron, --interval, or the config's `schedule:` block) or from the Prefect UI."""
+    if cron is not None and interval is not None:
+        _fail("--cron and --interval: give one schedule, not both")
+    if name is not None and len(configs) > 1:
+        _fail("--name: one name for several configs; leave it out (each deployment takes its pipeline's name)")
+    pipes = [_load(c, None, None) for c in configs]
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    url = _api_reachable()
+    from prefect import serve as prefect_serve
+
+    from polyalign.flows.deploy import deployment, describe, schedules
+
+    deployments = []
+    for path, pipe in zip(configs, pipes):
+        try:
+            plan = schedules(pipe, cron, interval)
+        except ValueError as exc:  # prefect's own check of the expression
+            _fail(f"{'--cron' if cron else path + ': schedule'}: {str(exc).splitlines()[0]}")
+        dep = deployment(path, pipe, name or pipe.name, plan)
+        deployments.append(dep)
+        when = ", ".join(describe(s) for s in plan) or "no schedule (start runs from the UI)"
+        typer.echo(f"serving polyalign-pipeline/{dep.name} ({Path(path).resolve()}): {when}")
+    typer.echo(f"Prefect API: {url}; Ctrl-C stops serving (schedules are paused)")
+    try:
+        prefect_serve(*deployments, print_starting_message=False)
+    except KeyboardInterrupt:
+        pass
+    typer.echo("stopped serving")
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many recent runs.")] = 20,
+) -> None:
+    """List recent polyalign flow runs and their states from the Prefect API."""
+    import asyncio
+
+    _api_reachable()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.types._datetime import now
+
+    async def fetch() -> list[tuple[Any, str]]:
+        async with get_client() as client:
+            # runs that started (or were due to), newest first: not the schedule's future ones
+            found = await client.read_flow_runs(
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit,
+                flow_run_filter=FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(before_=now())),
+            )
+            names = {}
+            for r in found:
+                if r.flow_id not in names:
+                    names[r.flow_id] = (await client.read_flow(r.flow_id)).name
+            return [(r, names[r.flow_id]) for r in found]
+
+    rows = [(r, f) for r, f in asyncio.run(fetch()) if f == "polyalign" or f.startswith("polyalign-")]
+    if not rows:
+        typer.echo("no polyalign runs yet")
+        return
+    typer.echo(f"{'run':<28} {'flow':<24} {'state':<12} {'started':<20} message")
+    for r, flow_name in rows:
+        started = r.start_time.strftime("%Y-%m-%d %H:%M:%S") if r.start_time else "-"
+        message = ((r.state.message if r.state else "") or "").splitlines()[0][:80] if r.state and r.state.message else ""
+        typer.echo(f"{r.name:<28} {flow_name:<24} {r.state_name or '-':<12} {started:<20} {message}")
 
 
 @app.command(name="export")

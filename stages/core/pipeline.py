@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from polyalign.stages import REGISTRY, load_stage
 from polyalign.stages.core.config import StageConfig
@@ -38,6 +38,33 @@ from polyalign.stages.core.store import STORE_ENV, Store
 
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ScheduleSpec(BaseModel):
+    """The default schedule of the pipeline's deployment (`polyalign serve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * *' (03:00 daily).")
+    interval: float | None = Field(None, gt=0, description="Seconds between runs.")
+    rrule: str | None = Field(None, description="iCalendar RRULE, e.g. 'FREQ=WEEKLY;BYDAY=MO'.")
+    timezone: str | None = Field(None, description="IANA time zone of the schedule, e.g. Europe/Paris (default UTC).")
+    active: bool = Field(True, description="false: the schedule is created paused.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ScheduleSpec":
+        given = [k for k in ("cron", "interval", "rrule") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of cron, interval, rrule (got {', '.join(given) or 'none'})")
+        if self.cron is not None and len(self.cron.split()) not in (5, 6):
+            raise ValueError(f"cron: {self.cron!r} is not a cron expression (5 fields: minute hour day month weekday)")
+        if self.timezone is not None:
+            import zoneinfo
+
+            try:
+                zoneinfo.ZoneInfo(self.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"timezone: unknown time zone {self.timezone!r}") from None
+        return self
 
 
 class PipelineHeader(BaseModel):
@@ -53,6 +80,7 @@ class PipelineHeader(BaseModel):
     languages: list[str] = Field(default_factory=list, description="Default target languages.")
     models: dict[str, ModelSpec] = Field(default_factory=dict, description="Named models.")
     stages: dict[str, dict[str, Any]] = Field(..., description="Stage name -> stage entry.")
+    schedule: ScheduleSpec | None = Field(None, description="Default schedule of the deployment `polyalign serve` makes.")
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""Deployments: one per pipeline config, served from this process (`polyalign serve`).
+
+Every deployment runs the module-level flow `polyalign-pipeline` (Prefect's runner imports it
+in a fresh process for each run), with the config's absolute path as a read-only parameter, so
+a run started from the UI finds the config whatever the serving process's working directory.
+The run form is typed for the pipeline: `until` is a choice among its stages, `overrides` a
+table of KEY.PATH -> VALUE entries (the CLI's `--set`), `concurrency` and `store` as in
+`polyalign run`. A bad override entered in the form fails the run with the one-line message
+the CLI would print.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow
+
+from polyalign.flows.pipeline import RUNNER, run_pipeline
+from polyalign.stages.core.pipeline import Pipeline
+
+
+@flow(name="polyalign-pipeline", log_prints=False, task_runner=RUNNER)
+def polyalign_pipeline(
+    config: str,
+    until: Optional[str] = None,
+    overrides: Optional[dict[str, str]] = None,
+    concurrency: int = 2,
+    store: Optional[str] = None,
+) -> Any:
+    """Run the pipeline, resuming from the artifacts already in the store.
+
+    Args:
+        config: The pipeline YAML (fixed by the deployment).
+        until: Stop after this stage (empty: run every stage).
+        overrides: Config values to change for this run, KEY.PATH -> VALUE, as `--set`
+            on the command line (a value is read as YAML), e.g.
+            {"sft.train.max_steps": "20", "languages": "[fr, de]"}.
+        concurrency: Stage or language tasks run at once.
+        store: Artifact store root (empty: the config's, or $POLYALIGN_STORE).
+    """
+    items = [f"{key}={value}" for key, value in (overrides or {}).items()]
+    return run_pipeline(config, items, until, store, max(1, int(concurrency)))
+
+
+def deployment(config_path: str, pipeline: Pipeline, name: str, plan: list[Any]) -> Any:
+    """The runner deployment of one config: its path frozen, `until` offered as a choice of
+    the pipeline's stages."""
+    from prefect.utilities.annotations import freeze
+
+    path = str(Path(config_path).resolve())
+    dep = polyalign_pipeline.to_deployment(
+        name=name, schedules=plan, parameters={"config": freeze(path)}, tags=["polyalign"],
+        description=pipeline.header.description or f"polyalign pipeline {pipeline.name} ({path})",
+    )
+    until = dep._parameter_openapi_schema.properties["until"]
+    for option in until.get("anyOf", [until]):
+        if option.get("type") == "string":
+            option["enum"] = list(pipeline.order)
+    return dep
+
+
+def schedules(pipeline: Pipeline, cron: str | None, interval: float | None) -> list[Any]:
+    """The deployment's schedules: --cron or --interval when given, else the config's
+    `schedule:` block, else none (runs start from the UI or the API only)."""
+    from prefect.schedules import Cron, Interval, RRule
+
+    if cron is not None:
+        return [Cron(cron)]
+    if interval is not None:
+        return [Interval(datetime.timedelta(seconds=interval))]
+    s = pipeline.header.schedule
+    if s is None:
+        return []
+    if s.cron is not None:
+        return [Cron(s.cron, timezone=s.timezone, active=s.active)]
+    if s.interval is not None:
+        return [Interval(datetime.timedelta(seconds=s.interval), timezone=s.timezone, active=s.active)]
+    return [RRule(str(s.rrule), timezone=s.timezone, active=s.active)]
+
+
+def describe(schedule: Any) -> str:
+    if schedule.cron:
+        text = f"cron {schedule.cron!r}"
+    elif schedule.interval:
+        text = f"every {schedule.interval.total_seconds():g} s"
+    else:
+        text = f"rrule {schedule.rrule!r}"
+    if schedule.timezone:
+        text += f" ({schedule.timezone})"
+    return text + ("" if schedule.active else ", paused")

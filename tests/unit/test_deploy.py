@@ -1,0 +1,69 @@
+"""Deployments of pipeline configs (flows/deploy.py): the `schedule:` block, the run form's
+typed parameters and the frozen config path. Built locally: no Prefect server needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polyalign.stages.core.errors import ConfigError
+from polyalign.stages.core.pipeline import load_pipeline
+from tests.conftest import TINY
+
+
+def _with_schedule(tmp_path: Path, schedule: dict) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data["schedule"] = schedule
+    path = tmp_path / "scheduled.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_the_config_schedule_is_the_default_and_the_command_line_beats_it(tmp_path):
+    from polyalign.flows.deploy import describe, schedules
+
+    pipe = load_pipeline(_with_schedule(tmp_path, {"cron": "0 3 * * 1", "timezone": "Europe/Paris", "active": False}), check_models=False)
+    (s,) = schedules(pipe, None, None)
+    assert (s.cron, s.timezone, s.active) == ("0 3 * * 1", "Europe/Paris", False)
+    assert describe(s) == "cron '0 3 * * 1' (Europe/Paris), paused"
+    (s,) = schedules(pipe, "*/5 * * * *", None)
+    assert s.cron == "*/5 * * * *" and s.active
+    (s,) = schedules(pipe, None, 90)
+    assert s.interval.total_seconds() == 90
+    assert schedules(load_pipeline(TINY, check_models=False), None, None) == []
+    (s,) = schedules(load_pipeline(_with_schedule(tmp_path, {"rrule": "FREQ=WEEKLY;BYDAY=MO"}), check_models=False), None, None)
+    assert "FREQ=WEEKLY" in s.rrule
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ({"cron": "0 3 * * *", "interval": 60}, "give exactly one of cron, interval, rrule (got cron, interval)"),
+        ({"cron": "every day"}, "cron: 'every day' is not a cron expression"),
+        ({"interval": 60, "timezone": "Mars/Olympus"}, "timezone: unknown time zone 'Mars/Olympus'"),
+        ({"interval": 0}, "schedule.interval"),
+    ],
+)
+def test_a_bad_schedule_block_is_a_one_line_config_error(tmp_path, schedule, expected):
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(_with_schedule(tmp_path, schedule), check_models=False)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_deployment_freezes_the_config_path_and_offers_the_stages_as_choices(tmp_path, monkeypatch):
+    from polyalign.flows.deploy import deployment, schedules
+
+    monkeypatch.chdir(TINY.parent)  # a relative path is resolved where the deployment is made
+    pipe = load_pipeline(TINY.name, check_models=False)
+    dep = deployment(TINY.name, pipe, "tiny", schedules(pipe, "*/5 * * * *", None))
+    assert dep.name == "tiny" and dep.flow_name == "polyalign-pipeline"
+    assert dep.parameters["config"] == str(TINY.resolve())
+    props = dep._parameter_openapi_schema.properties
+    assert props["config"]["readOnly"] is True
+    choices = [o["enum"] for o in props["until"]["anyOf"] if "enum" in o]
+    assert choices == [pipe.order]
+    assert set(props) == {"config", "until", "overrides", "concurrency", "store"}
+    assert "sft.train.max_steps" in props["overrides"]["description"]  # the form shows an example
+    assert dep.schedules[0].schedule.cron == "*/5 * * * *"
