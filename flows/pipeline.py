@@ -156,8 +156,12 @@ def run_pipeline(config: str, overrides: list[str], until: str | None, store: st
         for stage in stages:
             upstream = [futures[s] for s in dict.fromkeys(pipeline.nodes[stage].inputs.values()) if s in futures]
             fan = runner.units(pipeline, stage) if runner.cached(pipeline, stage) is None else None
-            unit_futures[stage] = [(u, unit_task.submit(config, overrides, store, stage, u, slots, wait_for=upstream)) for u in fan or []]
-            futures[stage] = stage_task.submit(config, overrides, store, stage, slots, wait_for=upstream + [f for _, f in unit_futures[stage]])
+            r = pipeline.header.retries
+            units = unit_task.with_options(retries=r.units, retry_delay_seconds=r.delay_seconds)
+            finish = stage_task.with_options(
+                retries=r.training if pipeline.nodes[stage].type in runner.TRAINING else r.stages, retry_delay_seconds=r.delay_seconds)
+            unit_futures[stage] = [(u, units.submit(config, overrides, store, stage, u, slots, wait_for=upstream)) for u in fan or []]
+            futures[stage] = finish.submit(config, overrides, store, stage, slots, wait_for=upstream + [f for _, f in unit_futures[stage]])
         wait(list(futures.values()))
         for stage in stages:  # the first stage that failed, upstream first, decides the run's end
             fan_states = [(u, f.state) for u, f in unit_futures[stage]]

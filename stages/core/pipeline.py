@@ -67,6 +67,16 @@ class ScheduleSpec(BaseModel):
         return self
 
 
+class RetrySpec(BaseModel):
+    """Prefect task retries of a failed flow run's tasks (a user error is never retried)."""
+
+    model_config = ConfigDict(extra="forbid")
+    units: int = Field(2, ge=0, description="Fan-out units (translation, evaluation per language): a retry resumes from the unit's saved shards.")
+    stages: int = Field(0, ge=0, description="Other non-training stages.")
+    training: int = Field(0, ge=0, description="Training stages (sft, reward_model, align): they resume from their last checkpoint.")
+    delay_seconds: float = Field(10, ge=0, description="Wait before each retry.")
+
+
 class PipelineHeader(BaseModel):
     """Top-level keys of a pipeline YAML (the `stages:` table is validated per stage)."""
 
@@ -81,6 +91,7 @@ class PipelineHeader(BaseModel):
     models: dict[str, ModelSpec] = Field(default_factory=dict, description="Named models.")
     stages: dict[str, dict[str, Any]] = Field(..., description="Stage name -> stage entry.")
     schedule: ScheduleSpec | None = Field(None, description="Default schedule of the deployment `polyalign serve` makes.")
+    retries: RetrySpec = Field(default_factory=RetrySpec, description="Task retries in a flow run.")
 
 
 @dataclass

@@ -120,8 +120,22 @@ def _cuda_peak(writer: ArtifactWriter) -> None:
         pass
 
 
+def injected_fault(name: str) -> None:
+    """A test aid: POLYALIGN_INJECT_FAULT=NAME@MARKER makes the stage or unit NAME (`translate`,
+    `translate/de`) fail once: while the MARKER file does not exist, it is created and the
+    work raises. Unset, nothing happens."""
+    spec = os.environ.get("POLYALIGN_INJECT_FAULT", "")
+    if "@" not in spec:
+        return
+    target, marker = spec.split("@", 1)
+    if target == name and not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError(f"fault injected into {name} (POLYALIGN_INJECT_FAULT)")
+
+
 def run_unit(pipeline: Pipeline, stage: str, unit: str) -> None:
     """Run one fan-out unit of a stage into its partial folder (resumable, idempotent)."""
+    injected_fault(f"{stage}/{unit}")
     node, inputs, writer = _prepare(pipeline, stage)
     start = time.perf_counter()
     with PeakRSS() as mem:
@@ -145,6 +159,7 @@ def finish(pipeline: Pipeline, stage: str) -> Artifact:
             return hit
         if pipeline.store.promote_partial(stage, fp, pipeline.nodes[stage].module.OUTPUTS):
             return pipeline.store.open(stage, fp)
+        injected_fault(stage)
         return _finish_locked(pipeline, stage)
 
 
