@@ -61,6 +61,26 @@ def deployment(config_path: str, pipeline: Pipeline, name: str, plan: list[Any])
     return dep
 
 
+def until_choices(deployment_id: Any, pipeline: Pipeline) -> None:
+    """Offer `until` as a choice of the pipeline's stages on a deployment already registered."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    async def update() -> None:
+        async with get_client() as client:
+            dep = await client.read_deployment(deployment_id)
+            schema = dict(dep.parameter_openapi_schema or {})
+            until = schema.get("properties", {}).get("until", {})
+            for option in until.get("anyOf", [until]):
+                if option.get("type") == "string":
+                    option["enum"] = list(pipeline.order)
+            await client.update_deployment(deployment_id, DeploymentUpdate(parameter_openapi_schema=schema))
+
+    asyncio.run(update())
+
+
 def schedules(pipeline: Pipeline, cron: str | None, interval: float | None) -> list[Any]:
     """The deployment's schedules: --cron or --interval when given, else the config's
     `schedule:` block, else none (runs start from the UI or the API only)."""

@@ -280,6 +280,50 @@ def serve(
 
 
 @app.command()
+def deploy(
+    config: ConfigArg,
+    pool: Annotated[str, typer.Option("--pool", help="Work pool (type process) whose workers run the flow.")],
+    cron: Annotated[Optional[str], typer.Option("--cron", help="Schedule: a cron expression.")] = None,
+    interval: Annotated[Optional[float], typer.Option("--interval", min=1, help="Schedule: seconds between runs.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Deployment name (default: the pipeline's name).")] = None,
+) -> None:
+    """Register the config's deployment on a work pool: `prefect worker start --pool NAME` on a
+    machine with this checkout runs its flow runs (from this folder, the config at its
+    absolute path)."""
+    if cron is not None and interval is not None:
+        _fail("--cron and --interval: give one schedule, not both")
+    pipe = _load(config, None, None)
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _api_reachable()
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.annotations import freeze
+
+    from polyalign.flows.deploy import describe, polyalign_pipeline, schedules, until_choices
+
+    root = Path(__file__).resolve().parent.parent  # the checkout the workers run from
+    try:
+        plan = schedules(pipe, cron, interval)
+    except ValueError as exc:
+        _fail(f"{'--cron' if cron else config + ': schedule'}: {str(exc).splitlines()[0]}")
+    flow = polyalign_pipeline.from_source(source=str(root), entrypoint="flows/deploy.py:polyalign_pipeline")
+    try:
+        dep_id = flow.deploy(
+            name=name or pipe.name, work_pool_name=pool, parameters={"config": freeze(str(Path(config).resolve()))},
+            schedules=plan, tags=["polyalign"], build=False, push=False, print_next_steps=False,
+            description=pipe.header.description or f"polyalign pipeline {pipe.name}",
+        )
+    except (ObjectNotFound, ValueError) as exc:
+        if "work pool" not in str(exc).lower() and not isinstance(exc, ObjectNotFound):
+            raise
+        _fail(f"--pool: no work pool {pool!r}; create it with `prefect work-pool create {pool} --type process`")
+    until_choices(dep_id, pipe)
+    when = ", ".join(describe(s) for s in plan) or "no schedule"
+    typer.echo(f"deployed polyalign-pipeline/{name or pipe.name} on pool {pool!r} ({when}); start a worker: prefect worker start --pool {pool}")
+
+
+@app.command()
 def runs(
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many recent runs.")] = 20,
 ) -> None:

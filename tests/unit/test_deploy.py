@@ -67,3 +67,18 @@ def test_the_deployment_freezes_the_config_path_and_offers_the_stages_as_choices
     assert set(props) == {"config", "until", "overrides", "concurrency", "store"}
     assert "sft.train.max_steps" in props["overrides"]["description"]  # the form shows an example
     assert dep.schedules[0].schedule.cron == "*/5 * * * *"
+
+
+def test_prefect_yaml_deploys_the_served_flow_with_shipped_configs():
+    import importlib
+
+    from tests.conftest import ROOT
+
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert project["deployments"]
+    for dep in project["deployments"]:
+        path, func = dep["entrypoint"].split(":")
+        module = importlib.import_module("polyalign." + path.removesuffix(".py").replace("/", "."))
+        assert getattr(module, func).name == "polyalign-pipeline"
+        load_pipeline(ROOT / dep["parameters"]["config"], check_models=False)  # a valid config
+        assert dep["work_pool"]["name"] == "polyalign"
