@@ -80,7 +80,9 @@ class Config(StageConfig):
     ppo: PPOSection = Field(default_factory=PPOSection, description="PPO settings (method: ppo).")
     online: OnlineSection = Field(default_factory=OnlineSection, description="rloo and grpo settings.")
     beta: float = Field(0.1, gt=0, description="DPO and KTO temperature: strength of the KL anchor to the reference.")
-    loss_type: str = Field("sigmoid", description="DPO loss variant (TRL loss_type, e.g. sigmoid, ipo, hinge).")
+    loss_type: Literal["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft"] = Field(
+        "sigmoid", description="DPO loss variant (TRL's loss_type): sigmoid is DPO's own; ipo, hinge, robust, ... its variants.")
     lora: PeftSettings = Field(default_factory=PeftSettings, description="Adapter settings.")
     train: TrainSettings = Field(
         default_factory=lambda: TrainSettings(learning_rate=5e-6), description="Optimisation settings."

@@ -140,17 +140,19 @@ def test_export_writes_a_model_plain_transformers_loads_and_adapters_that_rebuil
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
-@pytest.mark.parametrize("method", ["kto", "grpo", "rloo"])
+@pytest.mark.parametrize("method", ["kto", "grpo", "rloo", pytest.param("dpo:ipo", marks=pytest.mark.slow), pytest.param("dpo:hinge", marks=pytest.mark.slow)])
 def test_trl_methods_train_the_adapter(upstream, tmp_path, method):
-    """KTO from the pairs taken unpaired; GRPO and RLOO with the reward model as reward_funcs."""
+    """KTO from the pairs taken unpaired; GRPO and RLOO with the reward model as reward_funcs;
+    DPO's loss variants (IPO, hinge) through TRL's loss_type."""
     import shutil
 
     from safetensors.torch import load_file
 
     store = str(tmp_path / "store")
     shutil.copytree(upstream, store)
+    method, _, loss = method.partition(":")
     sets = [f"align.method={method}", "align.inputs={pairs: preferences, policy: sft, reward_model: reward_model}",
-            "align.online={num_generations: 2, max_new_tokens: 8}", "align.train.max_steps=2"]
+            "align.online={num_generations: 2, max_new_tokens: 8}", "align.train.max_steps=2"] + ([f"align.loss_type={loss}"] if loss else [])
     proc = cli("stage", "align", str(TINY), "--store", store, *_sets(*sets))
     assert proc.returncode == 0, proc.stderr[-3000:]
     pipe = load_pipeline(TINY, sets, store=store)
@@ -159,8 +161,10 @@ def test_trl_methods_train_the_adapter(upstream, tmp_path, method):
     weights = load_file(str(art.file("model") / "adapter_model.safetensors"))
     # LoRA's B matrices start at zero: any that is not has been trained
     assert any(float(w.abs().max()) > 0 for k, w in weights.items() if "lora_B" in k)
-    if method != "kto":
+    if method in ("grpo", "rloo"):
         assert any("reward" in h for h in art.read_json("train_log.json"))
+    if loss:
+        assert f"DPO (beta=0.1, {loss})" in art.manifest["summary"]
 
 
 def test_ppo_under_torchrun_two_processes_shares_the_rollouts_and_commits_one_artifact(upstream, tmp_path):
@@ -197,6 +201,7 @@ def test_ppo_under_torchrun_two_processes_shares_the_rollouts_and_commits_one_ar
     assert PeftModel.from_pretrained(base, art.file("model")) is not None
 
 
+@pytest.mark.slow  # the default tier covers both options in tests/unit/test_ppo.py
 def test_ppo_with_top_layers_unfrozen_and_a_separate_critic_saves_a_full_model_that_exports(upstream, tmp_path):
     import shutil
 
@@ -218,6 +223,7 @@ def test_ppo_with_top_layers_unfrozen_and_a_separate_critic_saves_a_full_model_t
     assert bad.returncode == 2 and "num_layers_unfrozen" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_reward_model_with_its_last_layers_trainable_reports_accuracy_per_language(upstream, tmp_path):
     """Okapi's reward model: the last layers and the head train (no adapter); the held-out
     accuracy is reported for each language."""
