@@ -344,7 +344,8 @@ class PPOTrainer:
         # 262K vocabulary the head over a long prompt costs more than the whole backbone)
         keep = ids.shape[1] - start + 1
         shared = with_values and self.critic is None
-        kwargs = dict(input_ids=ids, attention_mask=mask, output_hidden_states=shared, **({"logits_to_keep": keep} if self._keeps_logits else {}))
+        kwargs = dict(input_ids=ids, attention_mask=mask, output_hidden_states=shared, use_cache=False,
+                      **({"logits_to_keep": keep} if self._keeps_logits else {}))
         if not reference:
             out = self.model(**kwargs)
         elif self.adapter:
@@ -359,7 +360,7 @@ class PPOTrainer:
             if shared:
                 hidden = out.hidden_states[-1][:, start - 1 : -1]
             else:
-                c = self.critic(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                c = self.critic(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
                                 **({"logits_to_keep": 1} if self._critic_keeps_logits else {}))
                 hidden = c.hidden_states[-1][:, start - 1 : -1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
@@ -423,9 +424,16 @@ class PPOTrainer:
         scores = scores.clamp(-s.reward_clip, s.reward_clip)
         if s.missing_eos_penalty is not None:
             scores = scores - s.missing_eos_penalty * torch.tensor([0.0 if e else 1.0 for e in roll["ended"]], device=ids.device)
+        # the no-grad passes go a minibatch at a time: their peak memory is that of an update
+        parts: dict[str, list[Any]] = {"old": [], "values": [], "ref": []}
         with torch.no_grad():
-            old_logp, old_values, _ = self._forward(ids, attn, start, with_values=True)
-            ref_logp, _, _ = self._forward(ids, attn, start, with_values=False, reference=True)
+            for b in range(0, len(prompts), s.minibatch):
+                rows_b = slice(b, b + s.minibatch)
+                logp_b, values_b, _ = self._forward(ids[rows_b], attn[rows_b], start, with_values=True)
+                parts["old"].append(logp_b)
+                parts["values"].append(values_b)
+                parts["ref"].append(self._forward(ids[rows_b], attn[rows_b], start, with_values=False, reference=True)[0])
+        old_logp, old_values, ref_logp = (torch.cat(parts[k]) for k in ("old", "values", "ref"))
         kl_tokens = (old_logp - ref_logp) * mask
         rewards = -self.kl.value * kl_tokens
         lengths = mask.sum(1).long()
