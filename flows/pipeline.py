@@ -89,8 +89,8 @@ def _stage(config: str, overrides: list[str], store: str | None, stage: str) -> 
         hit = art = runner.cached(pipeline, stage)
         if hit is None:
             with _TRAINING if pipeline.nodes[stage].type in runner.TRAINING else contextlib.nullcontext():
-                hit = runner.cached(pipeline, stage)  # another run may have made it meanwhile
-                art = runner.finish(pipeline, stage) if hit is None else hit
+                art, built = runner.finish_or_reuse(pipeline, stage)  # another run may have made it meanwhile
+                hit = None if built else art
         assert art is not None
         if hit is not None:
             _publish(pipeline, stage, hit, True)
@@ -118,6 +118,29 @@ class UnitsFailed(RuntimeError):
 
 # threads that mostly wait on upstream tasks; how many work at once is `concurrency`
 RUNNER = ThreadPoolTaskRunner(max_workers=64)
+
+
+def _engine_runner(pipeline: Pipeline) -> Any:
+    """The task runner of the config's `task_runner` (dask or ray), not yet started; None for
+    thread, whose tasks go to the flow's own thread pool."""
+    spec = pipeline.header.task_runner
+    if spec.kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise UserError("task_runner: dask needs prefect-dask: pip install 'polyalign[dask]'") from None
+        if spec.address:
+            return DaskTaskRunner(address=spec.address)
+        # one task per worker process at a time: a unit loads a model, two in one process would share its memory
+        return DaskTaskRunner(cluster_kwargs={"n_workers": spec.workers or 2, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    if spec.kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise UserError("task_runner: ray needs prefect-ray: pip install 'polyalign[ray]'") from None
+        return RayTaskRunner(address=spec.address, init_kwargs={"num_cpus": spec.workers} if spec.workers and not spec.address else None)
+    return None
 
 
 @flow(name="polyalign", log_prints=False, task_runner=RUNNER)
@@ -153,18 +176,30 @@ def run_pipeline(config: str, overrides: list[str], until: str | None, store: st
         stages = pipeline.until(until)
         futures: dict[str, Any] = {}
         unit_futures: dict[str, list[tuple[str, Any]]] = {}
-        for stage in stages:
-            upstream = [futures[s] for s in dict.fromkeys(pipeline.nodes[stage].inputs.values()) if s in futures]
-            fan = runner.units(pipeline, stage) if runner.cached(pipeline, stage) is None else None
-            r = pipeline.header.retries
-            units = unit_task.with_options(retries=r.units, retry_delay_seconds=r.delay_seconds)
-            finish = stage_task.with_options(
-                retries=r.training if pipeline.nodes[stage].type in runner.TRAINING else r.stages, retry_delay_seconds=r.delay_seconds)
-            unit_futures[stage] = [(u, units.submit(config, overrides, store, stage, u, slots, wait_for=upstream)) for u in fan or []]
-            futures[stage] = finish.submit(config, overrides, store, stage, slots, wait_for=upstream + [f for _, f in unit_futures[stage]])
-        wait(list(futures.values()))
+        with contextlib.ExitStack() as engine:
+            tasks = _engine_runner(pipeline)
+            if tasks is not None:
+                engine.enter_context(tasks)  # started here, shut down once every task has ended
+            else:
+                from prefect.context import FlowRunContext
+
+                context = FlowRunContext.get()
+                assert context is not None, "run_pipeline runs inside a flow"
+                tasks = context.task_runner
+            for stage in stages:
+                upstream = [futures[s] for s in dict.fromkeys(pipeline.nodes[stage].inputs.values()) if s in futures]
+                fan = runner.units(pipeline, stage) if runner.cached(pipeline, stage) is None else None
+                r = pipeline.header.retries
+                units = unit_task.with_options(retries=r.units, retry_delay_seconds=r.delay_seconds)
+                finish = stage_task.with_options(
+                    retries=r.training if pipeline.nodes[stage].type in runner.TRAINING else r.stages, retry_delay_seconds=r.delay_seconds)
+                common = {"config": config, "overrides": overrides, "store": store, "stage": stage, "slots": slots}
+                unit_futures[stage] = [(u, tasks.submit(units, {**common, "unit": u}, upstream)) for u in fan or []]
+                futures[stage] = tasks.submit(finish, common, upstream + [f for _, f in unit_futures[stage]])
+            wait([f for fs in unit_futures.values() for _, f in fs] + list(futures.values()))
+            ended = {stage: (futures[stage].state, [(u, f.state) for u, f in unit_futures[stage]]) for stage in stages}
         for stage in stages:  # the first stage that failed, upstream first, decides the run's end
-            fan_states = [(u, f.state) for u, f in unit_futures[stage]]
+            state, fan_states = ended[stage]
             failed = {u: st for u, st in fan_states if st.is_failed() or st.is_crashed()}
             if failed:
                 done = [u for u, _ in fan_states if u not in failed]
@@ -173,7 +208,6 @@ def run_pipeline(config: str, overrides: list[str], until: str | None, store: st
                 if all((st.message or "").startswith(USER_ERROR) for st in failed.values()):
                     return Failed(message=USER_ERROR + message)
                 raise UnitsFailed(message)
-            state = futures[stage].state
             if not state.is_completed():
                 if (state.message or "").startswith(USER_ERROR):
                     return Failed(message=state.message)

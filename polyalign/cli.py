@@ -106,7 +106,7 @@ def status(
     if as_json:
         typer.echo(json.dumps({
             "pipeline": pipe.name,
-            "store": str(pipe.store.root),
+            "store": pipe.store.location,
             "verified": verify,
             "stages": [{"name": p.name, "type": p.type, "state": p.state, "fingerprint": p.fingerprint, "size_bytes": p.size, "inputs": p.inputs, "will_run": p.name in will_run, **({"problem": p.problem} if p.problem else {})} for p in plan],
         }, indent=2))
@@ -114,7 +114,7 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{pipe.name} -- store {pipe.store.root}" + (" (verified)" if verify else ""))
+    table = Table(title=f"{pipe.name} -- store {pipe.store.location}" + (" (verified)" if verify else ""))
     for col in ("stage", "state", "fingerprint", "size", "next run"):
         table.add_column(col)
     colors = {"cached": "green", "partial": "yellow", "missing": "red", "corrupt": "magenta"}
@@ -147,7 +147,7 @@ def clean(
     except (UserError, OSError) as exc:
         _fail(str(exc))
     if not removed:
-        typer.echo(f"{name}: nothing to remove in {pipe.store.root}")
+        typer.echo(f"{name}: nothing to remove in {pipe.store.location}")
     for path in removed:
         typer.echo(f"removed {path}")
 
@@ -184,7 +184,7 @@ def run(
         typer.echo(f"pipeline failed: {state.message}", err=True)
         raise typer.Exit(1)
     states = state.result()
-    typer.echo(f"\npipeline {pipe.name!r} finished; store {pipe.store.root}")
+    typer.echo(f"\npipeline {pipe.name!r} finished; store {pipe.store.location}")
     effic = {}
     for plan in pipe.plan(list(states)):
         art = pipe.store.open(plan.name, plan.fingerprint)
@@ -402,7 +402,7 @@ def report(
     rows: list[dict] = []
     for plan in plans:
         if plan.state != "cached":
-            _fail(f"stage {plan.name!r} has no results in {pipe.store.root} (state: {plan.state}); run `polyalign run {config}` first")
+            _fail(f"stage {plan.name!r} has no results in {pipe.store.location} (state: {plan.state}); run `polyalign run {config}` first")
         art = pipe.store.open(plan.name, plan.fingerprint)
         if as_json:
             try:

@@ -30,7 +30,7 @@ def _artifact(pipe: Any, stage: str) -> Any:
         raise UserError(f"--stage: the pipeline has no stage {stage!r} (stages: {', '.join(plans)})")
     plan = plans[stage]
     if plan.state != "cached":
-        raise UserError(f"stage {stage!r} has no artifact in {pipe.store.root} (state: {plan.state}); run `polyalign run` first")
+        raise UserError(f"stage {stage!r} has no artifact in {pipe.store.location} (state: {plan.state}); run `polyalign run` first")
     return pipe.store.open(stage, plan.fingerprint)
 
 

@@ -24,17 +24,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polyalign.stages import REGISTRY, load_stage
 from polyalign.stages.core.config import StageConfig
 from polyalign.stages.core.errors import ConfigError, StoreError
 from polyalign.stages.core.fingerprint import UnhashableError, file_digest, stage_fingerprint
 from polyalign.stages.core.model_specs import ModelSpec, check_available, identity, models_dir
-from polyalign.stages.core.store import STORE_ENV, Store
+from polyalign.stages.core.store import STORE_ENV, Store, open_store
 
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -77,13 +77,27 @@ class RetrySpec(BaseModel):
     delay_seconds: float = Field(10, ge=0, description="Wait before each retry.")
 
 
+class TaskRunnerSpec(BaseModel):
+    """Where a flow run's stage and unit tasks execute. thread: threads of the flow's process;
+    dask or ray: an existing engine's workers (the extras polyalign[dask] or polyalign[ray]).
+    On those, a worker runs each task in its own process, so `concurrency` and the one-training-
+    stage-at-a-time rule apply per worker; size the cluster to the devices it has."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["thread", "dask", "ray"] = Field("thread", description="thread, dask or ray.")
+    address: str | None = Field(
+        None, description="An existing cluster (dask: tcp://host:8786, ray: ray://host:10001 or auto); "
+        "none: a local cluster started for the run and stopped after it.")
+    workers: int | None = Field(None, gt=0, description="Workers of the local cluster (dask: n_workers; ray: num_cpus).")
+
+
 class PipelineHeader(BaseModel):
     """Top-level keys of a pipeline YAML (the `stages:` table is validated per stage)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., description="Name of the pipeline (shown in Prefect and reports).")
     description: str = Field("", description="Free text.")
-    store: str = Field(".polyalign/store", description="Artifact store root (a local folder).")
+    store: str = Field(".polyalign/store", description="Artifact store root: a local folder, or an fsspec URL (s3://, gs://, file://).")
     models_dir: str | None = Field(
         None, description="Where prepared/tiny models live (default $POLYALIGN_MODELS or ~/.cache)."
     )
@@ -92,6 +106,12 @@ class PipelineHeader(BaseModel):
     stages: dict[str, dict[str, Any]] = Field(..., description="Stage name -> stage entry.")
     schedule: ScheduleSpec | None = Field(None, description="Default schedule of the deployment `polyalign serve` makes.")
     retries: RetrySpec = Field(default_factory=RetrySpec, description="Task retries in a flow run.")
+    task_runner: TaskRunnerSpec = Field(default_factory=TaskRunnerSpec, description="Where the tasks of a flow run execute.")
+
+    @field_validator("task_runner", mode="before")
+    @classmethod
+    def _runner_by_name(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v  # `task_runner: dask` is short for {kind: dask}
 
 
 @dataclass
@@ -201,7 +221,7 @@ class Pipeline:
         self.header = header
         self.nodes = nodes
         self.source = source
-        self.store = Store(store_root, config=source, overrides=overrides or [])
+        self.store: Store = open_store(store_root, config=source, overrides=overrides or [])
         self.models_root = models_dir(header.models_dir)
         self._fps: dict[str, str] | None = None
 

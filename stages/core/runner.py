@@ -44,7 +44,7 @@ def stage_inputs(pipeline: Pipeline, stage: str) -> Inputs:
             state = pipeline.store.state(upstream, fps[upstream])
             raise MissingInputError(
                 f"stage {stage!r} needs input {input_name!r} from stage {upstream!r}, which is "
-                f"{state} in the store ({pipeline.store.root}); run `polyalign run "
+                f"{state} in the store ({pipeline.store.location}); run `polyalign run "
                 f"{pipeline.source} --until {upstream}` first"
             )
         artifacts[input_name] = art
@@ -99,7 +99,7 @@ def cached(pipeline: Pipeline, stage: str) -> Artifact | None:
     """The complete artifact of a stage, or None when there is none (one manifest read, no
     digests). A corrupt one raises CorruptArtifactError: it is never silently replaced."""
     fp = pipeline.fingerprints()[stage]
-    if not pipeline.store.final_dir(stage, fp).exists():
+    if not pipeline.store.has_final(stage, fp):
         return None
     return pipeline.store.open(stage, fp, required=pipeline.nodes[stage].module.OUTPUTS)
 
@@ -133,8 +133,20 @@ def injected_fault(name: str) -> None:
         raise RuntimeError(f"fault injected into {name} (POLYALIGN_INJECT_FAULT)")
 
 
-def run_unit(pipeline: Pipeline, stage: str, unit: str) -> None:
-    """Run one fan-out unit of a stage into its partial folder (resumable, idempotent)."""
+def run_unit(pipeline: Pipeline, stage: str, unit: str) -> bool:
+    """Run one fan-out unit of a stage into its partial folder (resumable, idempotent).
+
+    Holds the unit's lock: a second run of the same config waits, then finds the unit done
+    (or the stage committed) and returns False without touching it."""
+    fp = pipeline.fingerprints()[stage]
+    with pipeline.store.lock(stage, fp, unit):
+        if pipeline.store.has_final(stage, fp) or pipeline.store.partial_dir(stage, fp).joinpath("_units", f"{unit}.json").is_file():
+            return False
+        _run_unit_locked(pipeline, stage, unit)
+        return True
+
+
+def _run_unit_locked(pipeline: Pipeline, stage: str, unit: str) -> None:
     injected_fault(f"{stage}/{unit}")
     node, inputs, writer = _prepare(pipeline, stage)
     start = time.perf_counter()
@@ -152,15 +164,21 @@ def finish(pipeline: Pipeline, stage: str) -> Artifact:
     Holds the artifact's lock, so two processes (a CLI run and a retry from the UI, say)
     never commit the same artifact twice.
     """
+    return finish_or_reuse(pipeline, stage)[0]
+
+
+def finish_or_reuse(pipeline: Pipeline, stage: str) -> tuple[Artifact, bool]:
+    """As `finish`; also whether this call made the artifact (False: another process had
+    committed it while this one waited for the lock, or a cut-off commit was completed)."""
     fp = pipeline.fingerprints()[stage]
     with pipeline.store.lock(stage, fp):
         hit = cached(pipeline, stage)
         if hit is not None:
-            return hit
+            return hit, False
         if pipeline.store.promote_partial(stage, fp, pipeline.nodes[stage].module.OUTPUTS):
-            return pipeline.store.open(stage, fp)
+            return pipeline.store.open(stage, fp), True
         injected_fault(stage)
-        return _finish_locked(pipeline, stage)
+        return _finish_locked(pipeline, stage), True
 
 
 def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:

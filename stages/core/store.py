@@ -382,6 +382,7 @@ class ArtifactWriter:
         if final.exists():  # a corrupt leftover; keep it aside for inspection
             final.rename(final.with_name(f"{final.name}.corrupt-{int(time.time())}"))
         os.replace(self.dir, final)
+        self.store.published(self.stage, self.fingerprint)
         return self.store.open(self.stage, self.fingerprint)
 
 
@@ -442,8 +443,21 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
+def open_store(root: str | os.PathLike[str], config: str | None = None, overrides: Sequence[str] = ()) -> "Store":
+    """A store at a local folder, a `file://` URL, or an fsspec URL (`s3://`, `gs://`, ...:
+    see stages/core/remote_store.py)."""
+    text = str(root)
+    if text.startswith("file://"):
+        return Store(text.removeprefix("file://"), config, overrides)
+    if "://" in text:
+        from polyalign.stages.core.remote_store import RemoteStore
+
+        return RemoteStore(text, config, overrides)
+    return Store(root, config, overrides)
+
+
 class Store:
-    """A local folder of artifacts (fsspec URLs are a planned extension).
+    """A local folder of artifacts (`RemoteStore` adds an object store behind one).
 
     `config` is the pipeline file the store serves; it only makes error messages say the
     exact command that rebuilds a stage.
@@ -455,6 +469,18 @@ class Store:
         self.root = Path(root).expanduser()
         self.config = config
         self.overrides = list(overrides)
+
+    @property
+    def location(self) -> str:
+        """Where the artifacts are, as the user named it (for messages)."""
+        return str(self.root)
+
+    def has_final(self, stage: str, fp: str) -> bool:
+        """Whether a final folder exists for this artifact (complete or corrupt)."""
+        return self.final_dir(stage, fp).exists()
+
+    def published(self, stage: str, fp: str) -> None:
+        """Called once an artifact is complete here (a remote store uploads it)."""
 
     # ------------------------------------------------------------------ places and states
 
@@ -468,14 +494,14 @@ class Store:
         """The exact command that removes this stage's artifact of this config."""
         import shlex
 
-        args = ["polyalign", "clean", stage, self.config or "CONFIG", "--store", str(self.root)]
+        args = ["polyalign", "clean", stage, self.config or "CONFIG", "--store", self.location]
         for item in self.overrides:
             args += ["--set", item]
         return f"run `{shlex.join(args)}`"
 
     def corrupt_error(self, stage: str, fp: str, why: str) -> CorruptArtifactError:
         return CorruptArtifactError(
-            f"artifact {stage}/{fp[:16]} in {self.root} is corrupt: {why}; "
+            f"artifact {stage}/{fp[:16]} in {self.location} is corrupt: {why}; "
             f"{self.clean_hint(stage)} and run again to rebuild it"
         )
 
@@ -496,7 +522,7 @@ class Store:
     def diagnose(self, stage: str, fp: str, required: Sequence[str] = (), deep: bool = False) -> tuple[str, str | None]:
         """(state, why it is corrupt or None): 'cached', 'partial', 'corrupt' or 'missing'.
         Cheap (sizes, not digests) unless `deep`."""
-        if self.final_dir(stage, fp).exists():
+        if self.has_final(stage, fp):
             try:
                 self.open(stage, fp, deep=deep, required=required)
                 return "cached", None
@@ -578,12 +604,14 @@ class Store:
         if final.exists():
             final.rename(final.with_name(f"{final.name}.corrupt-{int(time.time())}"))
         os.replace(partial, final)
+        self.published(stage, fp)
         return True
 
     @contextlib.contextmanager
-    def lock(self, stage: str, fp: str) -> Iterator[None]:
-        """An exclusive inter-process lock on one artifact (held while committing)."""
-        path = self.root / stage / f"{fp}.lock"
+    def lock(self, stage: str, fp: str, unit: str | None = None) -> Iterator[None]:
+        """An exclusive inter-process lock on one artifact (held while committing), or on
+        one of its fan-out units (held while the unit runs)."""
+        path = self.root / stage / (f"{fp}.{unit}.lock" if unit else f"{fp}.lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+") as handle:
             try:
