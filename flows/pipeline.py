@@ -7,7 +7,10 @@ state (the store, not Prefect's task cache, is the source of truth) and still pu
 markdown artifact, so the UI shows what was reused and retrying a failed flow run resumes it.
 Fan-out stages (translation and evaluation, one unit per language) run their units as
 concurrent tasks named by language; a failing language does not stop the others from
-finishing and saving their shards.
+finishing and saving their shards. A stage or unit that runs publishes a progress artifact
+(`<pipeline>-<stage>[-<unit>]-progress`) updated from its bar or training step. With
+`task_runner: dask` or `ray` in the config the tasks run on that engine's workers instead of
+the flow's threads.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from prefect.futures import wait
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from polyalign.stages.core import runner
+from polyalign.stages.core import progress, runner
 from polyalign.stages.core.errors import UserError
 from polyalign.stages.core.pipeline import Pipeline, load_pipeline
 
@@ -77,6 +80,24 @@ def _publish(pipeline: Pipeline, stage: str, art: Any, was_cached: bool) -> None
                              description=f"polyalign stage {stage}")
 
 
+def _progress_sink(key: str, description: str) -> Any:
+    """A progress artifact of this task, created at its first report and updated after."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    made: list[Any] = []
+
+    def sink(percent: float) -> None:
+        try:
+            if made:
+                update_progress_artifact(made[0], percent)
+            else:
+                made.append(create_progress_artifact(percent, key=key, description=description))
+        except Exception as exc:  # noqa: BLE001 - the UI's progress bar never stops the work
+            print(f"[progress] {key}: not published ({type(exc).__name__})")
+
+    return progress.reporting_to(sink)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
 def stage_task(config: str, overrides: list[str], store: str | None, stage: str, slots: str = "") -> Any:
     with _slot(slots):
@@ -88,7 +109,8 @@ def _stage(config: str, overrides: list[str], store: str | None, stage: str) -> 
         pipeline = load_pipeline(config, overrides, store)
         hit = art = runner.cached(pipeline, stage)
         if hit is None:
-            with _TRAINING if pipeline.nodes[stage].type in runner.TRAINING else contextlib.nullcontext():
+            training = _TRAINING if pipeline.nodes[stage].type in runner.TRAINING else contextlib.nullcontext()
+            with training, _progress_sink(_artifact_key(pipeline, f"{stage}-progress"), f"polyalign stage {stage}: progress"):
                 art, built = runner.finish_or_reuse(pipeline, stage)  # another run may have made it meanwhile
                 hit = None if built else art
         assert art is not None
@@ -106,7 +128,8 @@ def unit_task(config: str, overrides: list[str], store: str | None, stage: str, 
     with _slot(slots):
         try:
             pipeline = load_pipeline(config, overrides, store)
-            runner.run_unit(pipeline, stage, unit)
+            with _progress_sink(_artifact_key(pipeline, f"{stage}-{unit}-progress"), f"polyalign {stage}[{unit}]: progress"):
+                runner.run_unit(pipeline, stage, unit)
         except UserError as exc:
             return Failed(message=USER_ERROR + str(exc))
         return unit

@@ -3,8 +3,9 @@ preference pairs, or PPO (stages/core/ppo.py) against the reward model.
 
 The policy is the base model with the SFT adapter merged; the method trains a second adapter
 on top, and the reference model is the same network with that adapter disabled (no second
-copy in memory). PPO's prompts are those of the preference pairs; its reward is the reward
-model's score of prompt and response. Checkpoints live in the partial folder and a rerun
+copy in memory). PPO's prompts are those of the preference pairs, or of the instruction
+records of a `prompts` input (more and more varied prompts than the pairs'); its reward is the
+reward model's score of prompt and response. Checkpoints live in the partial folder and a rerun
 resumes from the newest; PPO's resume exactly (the same prompts, samples and updates as a run
 never stopped).
 """
@@ -22,7 +23,10 @@ from polyalign.stages.core.training import PeftSettings, TrainSettings
 VERSION = "3"
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
-OPTIONAL_INPUTS = {"reward_model": "the reward model PPO optimises against (reward_model)"}
+OPTIONAL_INPUTS = {
+    "reward_model": "the reward model PPO optimises against (reward_model)",
+    "prompts": "instruction records whose prompts PPO samples, every split and language (translate); default: the pairs' prompts",
+}
 
 
 ONLINE = ("rloo", "grpo")
@@ -94,6 +98,8 @@ class Config(StageConfig):
 def check_config(cfg: Config, models: dict[str, Any], input_names: set[str]) -> str | None:
     if cfg.method in ("ppo", *ONLINE) and "reward_model" not in input_names:
         return f"inputs: method {cfg.method} needs a reward_model input (the reward model it optimises against)"
+    if "prompts" in input_names and cfg.method != "ppo":
+        return f"inputs.prompts: only method ppo samples from a prompts input ({cfg.method} uses the pairs' prompts)"
     if cfg.method in ONLINE and (cfg.train.batch_size * cfg.train.gradient_accumulation_steps) % cfg.online.num_generations:
         return (f"online.num_generations: {cfg.online.num_generations} must divide train.batch_size x "
                 f"gradient_accumulation_steps ({cfg.train.batch_size * cfg.train.gradient_accumulation_steps})")
@@ -220,8 +226,16 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
 
     if cfg.ppo.rollouts % world_size():
         raise UserError(f"align.ppo.rollouts: {cfg.ppo.rollouts} is not a multiple of the {world_size()} processes")
-    # one copy of the prompts, not of every pair: a prompt has num_responses - 1 pairs or more
-    prompts = list(dict.fromkeys(p["prompt"] for p in inputs["pairs"].iter_records("data/*/*.jsonl")))  # file order
+    # one copy of each prompt (a pair's prompt has num_responses - 1 pairs or more), in file order
+    if inputs.get("prompts") is not None:
+        from polyalign.stages.core.training import user_message
+
+        source = inputs["prompts"]
+        prompts = list(dict.fromkeys(user_message(r) for r in source.iter_records("data/*/*.jsonl")))
+        if not prompts:
+            raise UserError(f"align.inputs.prompts: artifact {source.fingerprint[:12]} has no instruction records")
+    else:
+        prompts = list(dict.fromkeys(p["prompt"] for p in inputs["pairs"].iter_records("data/*/*.jsonl")))
     path = inputs.model(cfg.model)
     dtype = inputs.model_dtype(cfg.model)
     sft = str(inputs["policy"].file("model"))
@@ -264,9 +278,12 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
         from torch.utils.tensorboard import SummaryWriter
 
         board = SummaryWriter(log_dir=str(out.path("tensorboard")))
+    from polyalign.stages.core.progress import report
+
     for m in trainer.train():
         if not is_main():
             continue
+        report(m["step"], cfg.ppo.steps)
         print(f"[align] ppo step {m['step']}/{cfg.ppo.steps}: reward {m['reward_mean']:.3f}, kl {m['kl']:.3f}, kl_coef {m['kl_coef']:.4f}")
         if board is not None:
             for key, value in m.items():

@@ -359,8 +359,12 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
         return
     path = inputs.model(cfg.model)
     dtype = inputs.model_dtype(cfg.model)
+    from polyalign.stages.core.progress import report
+
     variants = _variants(cfg, inputs)
     result: dict[str, Any] = {"lang": lang, "benchmarks": {}, "tokens": 0}
+    parts = len(cfg.benchmarks) * len(variants) + (cfg.translation is not None) + (cfg.responses is not None)
+    done = 0
     for name in cfg.benchmarks:
         s = settings(cfg, name, lang)
         entry: dict[str, Any] = {"settings": _describe(s), "models": {}}
@@ -377,13 +381,21 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
             metrics["scoring"] = dict(scorer.stats)
             entry["models"][variant] = metrics
             result["tokens"] += scorer.tokens
+            done += 1
+            report(done, parts)
         result["benchmarks"][name] = entry
+        done = len(result["benchmarks"]) * len(variants)  # a missing benchmark counts as done
+        report(done, parts)
 
     journal = out.journal(f"evaluate/{lang}")  # generations survive a crash inside the unit
     if cfg.translation is not None:
         result["translation"] = _translate_unit(cfg, inputs, out, lang, variants, journal, result)
+        done += 1
+        report(done, parts)
     if cfg.responses is not None:
         result["responses"] = _responses_unit(cfg, inputs, out, lang, variants, journal, result)
+        done += 1
+        report(done, parts)
     out.write_json(f"results/{lang}.json", result)
     journal.remove()
 

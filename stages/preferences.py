@@ -92,7 +92,7 @@ def _heldout_prompts(cfg: Config, inputs: Inputs) -> dict[str, list[dict]]:
 
 
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
-    from tqdm.auto import tqdm
+    from polyalign.stages.core.progress import bar as progress_bar
 
     from polyalign.stages.core.backends import Request, request_seed, run as generate, usage_of
     from polyalign.stages.core.training import user_message
@@ -103,7 +103,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     adapter = str(inputs["policy"].file("model"))
     method = judge_method(cfg, inputs)
     total = sum(len(v) for v in by_lang.values())
-    bar = tqdm(total=total, desc="preferences", unit="prompt")
+    bar = progress_bar(total=total, desc="preferences", unit="prompt")
     retries = 0
     for lang in langs:
         prompts = by_lang[lang]

@@ -367,7 +367,7 @@ def _si_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[tuple
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from collections import Counter
 
-    from tqdm.auto import tqdm
+    from polyalign.stages.core.progress import bar as progress_bar
 
     from polyalign.stages.core.backends import usage_of
     from polyalign.stages.core.cards import render_card
@@ -410,7 +410,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         print(f"[self_instruct] resuming at round {round_no} with {len(kept)} instructions kept")
 
     with inputs.backend(cfg.teacher, batch_size=cfg.batch_size, progress=False) as lm:
-        bar = tqdm(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions), desc="self_instruct", unit="instr")
+        bar = progress_bar(total=cfg.num_instructions, initial=min(len(kept), cfg.num_instructions), desc="self_instruct", unit="instr")
         while len(kept) < cfg.num_instructions and round_no < cfg.max_rounds:
             rng = random.Random(f"{cfg.seed}-{round_no}")
             # every reply of this round is journaled as it arrives: a killed run asks again

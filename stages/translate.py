@@ -245,7 +245,7 @@ def _chrf(source: str, back: str) -> float:
 
 
 def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> None:
-    from tqdm.auto import tqdm
+    from polyalign.stages.core.progress import bar as progress_bar
 
     from polyalign.stages.core.backends import run as generate, usage_of
     from polyalign.stages.core.masking import MARKER, join, mask, only_markers, paragraphs, restore
@@ -260,7 +260,7 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
     shots = _shots(lang, cfg.shots) if cfg.backend == "llm" else []
     back_shots = [(tgt, src) for src, tgt in shots]
     with _translators(cfg, inputs, lang) as (forward, back):
-        bar = tqdm(total=total, desc=f"translate[{lang}]", unit="rec")
+        bar = progress_bar(total=total, desc=f"translate[{lang}]", unit="rec")
         for k, shard in _shards(inputs, cfg.shard_size):
             if out.exists(f"shards/{lang}/{k:05d}.json"):
                 bar.update(len(shard))

@@ -144,6 +144,19 @@ def tensorboard_callback(log_dir: Path) -> Any:
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
+def _progress_callback() -> Any:
+    """Reports the Trainer's step out of its max_steps (see core.progress)."""
+    from transformers import TrainerCallback
+
+    from polyalign.stages.core.progress import report
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            report(state.global_step, state.max_steps)
+
+    return Progress()
+
+
 def train_resumable(trainer: Any, output_dir: Path, save: Any, tensorboard: bool = True) -> dict[str, Any]:
     """Train, resuming from the last checkpoint in `output_dir`, then `save()` the model.
 
@@ -171,6 +184,8 @@ def train_resumable(trainer: Any, output_dir: Path, save: Any, tensorboard: bool
 
     if tensorboard and distributed.is_main():
         trainer.add_callback(tensorboard_callback(output_dir.parent / "tensorboard"))
+    if distributed.is_main():
+        trainer.add_callback(_progress_callback())
     result = trainer.train(resume_from_checkpoint=ckpt)
     if distributed.is_main():  # the main process saves; every process computes the statistics
         save()

@@ -67,6 +67,25 @@ def test_ppo_trains_an_adapter_against_the_reward_model(aligned):
     assert config["peft_type"] == "LORA" and config["lora_dropout"] == 0.0
 
 
+def test_ppo_samples_the_prompts_of_a_prompts_input_when_it_has_one(upstream, tmp_path):
+    import shutil
+
+    from polyalign.stages.core.training import user_message
+
+    store = str(tmp_path / "store")
+    shutil.copytree(upstream, store)
+    extra = ["align.inputs={pairs: preferences, policy: sft, reward_model: reward_model, prompts: translate}", "align.ppo.steps=1"]
+    proc = cli("stage", "align", str(TINY), "--store", store, *_sets(*PPO, *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(TINY, [*PPO, *extra], store=store)
+    translated = pipe.store.open("translate", pipe.fingerprints()["translate"])
+    pairs = pipe.store.open("preferences", pipe.fingerprints()["preferences"])
+    every = {user_message(r) for r in translated.iter_records("data/*/*.jsonl")}
+    m = _artifact(store, extra).metrics
+    assert m["prompts"] == len(every) > len({p["prompt"] for p in pairs.iter_records("data/*/*.jsonl")})
+    assert "PPO on %d prompts" % len(every) in pipe.store.open("align", pipe.fingerprints()["align"]).manifest["summary"]
+
+
 def test_a_killed_ppo_run_resumes_at_the_next_step_and_ends_as_an_unbroken_one(upstream, tmp_path):
     import shutil
 
@@ -102,10 +121,11 @@ def test_a_killed_ppo_run_resumes_at_the_next_step_and_ends_as_an_unbroken_one(u
         ("align.ppo.cliprange_value=0", "cliprange_value"),
         ("align.method=reinforce", "method"),
         ("align.method=grpo", "stages.align.inputs: method grpo needs a reward_model input"),
+        ("align.inputs={pairs: preferences, policy: sft, prompts: translate}", "stages.align.inputs.prompts: only method ppo"),
     ],
 )
 def test_bad_ppo_settings_are_one_line_errors(override, expected):
-    base = PPO if "grpo" not in override else ["align.inputs={pairs: preferences, policy: sft}"]
+    base = PPO if "grpo" not in override and "prompts" not in override else ["align.inputs={pairs: preferences, policy: sft}"]
     proc = cli("validate", str(TINY), *_sets(*base, override), timeout=120)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()

@@ -180,6 +180,10 @@ def test_prefect_artifacts_were_created(tiny_run):
     rows = json.loads(table.data)
     assert {r["benchmark"] for r in rows} >= {"mini_mc", "mini_mc_3shot", "translation", "responses"}
     assert {r["stage"] for r in rows} == {"base", "sft", "aligned"}
+    # the long stages published their progress, ending at 100%
+    for key in ("self-instruct", "translate-fr", "translate-de", "sft", "preferences", "align", "evaluate-fr"):
+        progress = Artifact.get(f"polyalign-tiny-{key}-progress")
+        assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0, key
 
 
 def test_status_predicts_what_a_config_change_reruns(tiny_run):
