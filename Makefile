@@ -17,7 +17,14 @@ PYTEST_ARGS ?=
 # `make server`: a local Prefect server (UI and API) on 127.0.0.1, its database under .prefect/
 PORT ?= 4200
 
-.PHONY: demo test test-slow test-all venv clean-store server
+# `make test-ui`: the topology of docker/compose.yaml started natively (PostgreSQL from the
+# system's packages, a Prefect server on it, `polyalign serve configs/tiny.yaml`) and driven
+# through the Prefect UI by headless Chromium; screenshots go to $POLYALIGN_SCREENSHOTS
+# (default: the test's temporary folder). `make ui-test-deps` installs what it needs
+# (Debian/Ubuntu; sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-slow test-all venv clean-store server ui-test-deps test-ui
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,3 +69,11 @@ server: $(VENV)/.project-installed
 	PREFECT_HOME=$(CURDIR)/.prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	PREFECT_UI_API_URL=http://127.0.0.1:$(PORT)/api PREFECT_API_URL=http://127.0.0.1:$(PORT)/api \
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PORT)
+
+ui-test-deps: $(VENV)/.project-installed
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y chromium $$(ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || echo postgresql)
+	$(BIN)/pip install --quiet -e ".[ui-test]"
+
+test-ui: $(VENV)/.project-installed
+	$(BIN)/python -m pytest -m slow tests/slow/test_ui_postgres.py $(PYTEST_ARGS)

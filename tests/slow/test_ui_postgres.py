@@ -1,0 +1,311 @@
+"""The topology of docker/compose.yaml, started natively, driven through the Prefect UI in a
+headless Chromium (Playwright):
+
+- PostgreSQL from the system's packages (a throwaway cluster, password auth over TCP);
+- `prefect server start` on that database (the UI and the API);
+- `polyalign serve configs/tiny.yaml --cron "0 3 * * *"`, its store in a temporary folder
+  (POLYALIGN_STORE, as the worker's /store volume).
+
+In the UI (the default one, V2): the deployment's page shows its name, its schedule and its
+parameters; Run -> Custom run opens the typed form, where `until` is a choice of the
+pipeline's stages; the run it starts completes; its page shows the run graph, the stage task
+runs and the artifacts, the evaluation table among them. The V2 form has no editor for a
+free-form dict (`overrides`), so a second custom run is started from the V1 UI (still
+served, "Switch to V1 UI") with an override typed into the form as JSON: only the stage it
+changes runs again, the others are Cached. Through the API: the task states and artifacts of
+both runs; in PostgreSQL: the deployment's row.
+
+Screenshots go to $POLYALIGN_SCREENSHOTS (default: the test's temporary folder).
+Needs: PostgreSQL server binaries, Chromium (/usr/bin/chromium), the `playwright` package
+(`make ui-test-deps`); the test skips with one line when one is missing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+from tests.slow import topology
+from tests.slow.topology import wait_for
+
+pytestmark = pytest.mark.slow
+
+DEPLOYMENT = "ui-test"
+CRON = "0 3 * * *"
+STAGES = ["self_instruct", "translate", "sft", "preferences", "reward_model", "align", "evaluate"]
+TABLE_KEY = "polyalign-tiny-evaluation-table"
+OVERRIDE = {"evaluate.translation.limit": "2"}  # changes the evaluate stage only
+RUN_TIMEOUT = 900  # seconds: the whole tiny DAG on a shared 2-core machine takes 2 to 5 minutes
+UI_TIMEOUT_MS = 60_000
+
+
+def _chromium() -> str:
+    for candidate in (os.environ.get("POLYALIGN_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    pytest.skip("Chromium not found (/usr/bin/chromium); `make ui-test-deps` installs it")
+
+
+def _requirements() -> str:
+    """The Chromium executable; skips (one line) when the topology cannot start here."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("the playwright package is not installed; `make ui-test-deps` installs it")
+    try:
+        topology.postgres_bin()
+    except topology.Unavailable as exc:
+        pytest.skip(str(exc))
+    return _chromium()
+
+
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    path = Path(os.environ.get("POLYALIGN_SCREENSHOTS") or tmp_path / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """PostgreSQL, a Prefect server on it, and `polyalign serve` of the tiny config; all of
+    them stopped at the end, whatever happened."""
+    chromium = _requirements()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with contextlib.ExitStack() as services:  # closed in reverse: serve, the server, PostgreSQL
+        try:
+            db = services.enter_context(topology.postgres(logs))
+        except topology.Unavailable as exc:
+            pytest.skip(str(exc))
+        env = services.enter_context(topology.prefect_server(tmp_path / "prefect", logs, db.url))
+        worker_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
+        worker_env["POLYALIGN_STORE"] = str(tmp_path / "store")
+        serve_log = logs / "serve.log"
+        serve = services.enter_context(topology.started(
+            [sys.executable, "-m", "polyalign", "serve", str(TINY), "--name", DEPLOYMENT, "--cron", CRON],
+            serve_log, sig=signal.SIGINT, stop_timeout=120, cwd=tmp_path, env=worker_env))
+        yield dict(db=db, env=env, api=env["PREFECT_API_URL"], serve=serve, serve_log=serve_log, logs=logs,
+                   store=tmp_path / "store", chromium=chromium)
+
+
+@contextlib.contextmanager
+def _client(api_url: str):
+    """Prefect's synchronous client on `api_url` (no event loop: Playwright's sync API owns one)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def _flow_run_named(api_url: str, name: str):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with _client(api_url) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+    return runs[0] if runs else None
+
+
+def _finished(api_url: str, run_id, log: Path):
+    def final():
+        with _client(api_url) as client:
+            run = client.read_flow_run(run_id)
+        return run if run.state is not None and run.state.is_final() else None
+
+    return wait_for(final, RUN_TIMEOUT, f"flow run {run_id} to finish", interval=3, logs=log)
+
+
+def _task_states(api_url: str, run_id) -> dict[str, str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client(api_url) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return {t.name: t.state_name for t in tasks}
+
+
+def _artifacts(api_url: str, run_id) -> dict[str, object]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client(api_url) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return {a.key: a for a in arts}
+
+
+def _field_v2(page, label: str):
+    """The V2 run form's block of one parameter (its label, description and input)."""
+    return page.locator("div.group").filter(has=page.locator("label", has_text=label)).last
+
+
+def _field_v1(page, label: str):
+    return page.locator("div.schema-form-property").filter(has=page.locator(".schema-form-property__label", has_text=label)).last
+
+
+def test_ui_on_postgres_deployment_form_custom_runs_tasks_and_artifacts(stack, screenshots):
+    from playwright.sync_api import expect, sync_playwright
+
+    api = stack["api"]
+    base = api.removesuffix("/api")
+    log = stack["serve_log"]
+
+    def deployment():
+        if stack["serve"].poll() is not None:
+            raise AssertionError(f"polyalign serve exited ({stack['serve'].returncode}):\n{topology.tail(log)}")
+        from prefect.exceptions import ObjectNotFound
+
+        with _client(api) as client:
+            try:
+                return client.read_deployment_by_name(f"polyalign-pipeline/{DEPLOYMENT}")
+            except ObjectNotFound:
+                return None
+
+    dep = wait_for(deployment, 300, "the served deployment", logs=log)
+    assert [s.schedule.cron for s in dep.schedules] == [CRON]
+    # the server keeps it in PostgreSQL (not a SQLite file under PREFECT_HOME)
+    assert stack["db"].sql(f"select name from deployment where id = '{dep.id}'").split() == [DEPLOYMENT]
+    assert not list((Path(stack["env"]["PREFECT_HOME"])).glob("*.db"))
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=stack["chromium"], headless=True,
+                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 800}, timezone_id="UTC",
+                                          locale="en-US").new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            expect.set_options(timeout=UI_TIMEOUT_MS)
+            try:
+                _ui(page, base, api, dep, stack, screenshots, expect)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    page.screenshot(path=str(screenshots / "failure.png"), full_page=True)
+                    (screenshots / "failure.html").write_text(page.content())
+                raise
+        finally:
+            browser.close()
+
+
+def _ui(page, base, api, dep, stack, screenshots, expect):
+    log = stack["serve_log"]
+
+    # -- the deployment's page, reached from the dashboard's navigation (the default UI: V2)
+    page.goto(base + "/")
+    page.get_by_role("link", name="Deployments", exact=True).click()
+    page.get_by_role("link", name=DEPLOYMENT, exact=True).click()
+    page.wait_for_url(f"**/deployments/deployment/{dep.id}**")
+    expect(page.get_by_text(DEPLOYMENT, exact=True).first).to_be_visible()
+    expect(page.get_by_text("polyalign-pipeline").first).to_be_visible()
+    expect(page.get_by_text("At 03:00 AM").first).to_be_visible()  # the cron schedule, in words
+    page.get_by_role("tab", name="Parameters").click()
+    expect(page.get_by_text("5 parameters")).to_be_visible()
+    expect(page.get_by_role("link", name="polyalign-pipeline", exact=True)).to_be_visible()  # the header has loaded
+    expect(page.get_by_text("Triggers", exact=True)).to_be_visible()
+    for name in ("config", "until", "overrides", "concurrency", "store"):
+        expect(page.get_by_role("cell", name=name, exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name=str(TINY.resolve()), exact=True)).to_be_visible()
+    page.screenshot(path=str(screenshots / "deployment.png"))
+
+    # -- Run -> Custom run: the typed form; `until` is a choice of the pipeline's stages
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Custom run").click()
+    page.wait_for_url("**/run**")
+    name1 = "ui-custom-run"
+    page.get_by_label("Run Name").fill(name1)
+    for label in ("config", "until (Optional)", "overrides (Optional)", "concurrency (Optional)", "store (Optional)"):
+        expect(page.get_by_text(label, exact=True)).to_be_visible()
+    until = _field_v2(page, "until (Optional)")
+    until.get_by_role("tab", name="str").click()
+    until.get_by_role("button", name="Select").click()
+    expect(page.get_by_role("option")).to_have_text(STAGES)
+    page.get_by_role("option", name="evaluate", exact=True).click()
+    expect(until).to_contain_text("evaluate")
+    page.screenshot(path=str(screenshots / "custom-run-form.png"), full_page=True)
+    page.get_by_role("button", name="Submit").click()
+    expect(page.get_by_text(f"{name1} scheduled to start now")).to_be_visible()
+
+    run1 = wait_for(lambda: _flow_run_named(api, name1), 60, f"flow run {name1}")
+    assert run1.deployment_id == dep.id
+    assert run1.parameters["until"] == "evaluate" and not run1.parameters.get("overrides")
+    run1 = _finished(api, run1.id, log)
+    assert run1.state.is_completed(), f"{run1.state.name}: {run1.state.message}\n{topology.tail(log)}"
+
+    # -- through the API: every stage (and fan-out unit) task Completed, the artifacts there
+    states1 = _task_states(api, run1.id)
+    assert set(STAGES) <= set(states1), states1
+    assert set(states1.values()) == {"Completed"}, states1
+    arts1 = _artifacts(api, run1.id)
+    expected_keys = {f"polyalign-tiny-{s.replace('_', '-')}" for s in STAGES} | {TABLE_KEY, "polyalign-tiny-summary"}
+    assert expected_keys <= set(arts1), sorted(arts1)
+    table = arts1[TABLE_KEY]
+    assert table.type == "table"
+    assert set(STAGES) <= {p.name for p in stack["store"].iterdir()}  # the worker's store ($POLYALIGN_STORE)
+
+    # -- the run's page: reached from the deployment's runs; graph, task runs, artifacts
+    page.goto(f"{base}/v2/deployments/deployment/{dep.id}?tab=Runs")
+    page.get_by_role("link", name=name1, exact=True).first.click()
+    page.wait_for_url(f"**/runs/flow-run/{run1.id}**")
+    expect(page.get_by_text("Completed").first).to_be_visible()
+    expect(page.get_by_text(f"{len(states1)} Task runs")).to_be_visible()
+    page.wait_for_timeout(2000)  # the run graph (a canvas) draws after the data arrives
+    page.screenshot(path=str(screenshots / "flow-run.png"))
+    page.get_by_role("tab", name="Task Runs").click()
+    expect(page.get_by_text(f"{len(states1)} Completed").first).to_be_visible()  # the list's counts
+    for stage in STAGES + ["translate[fr]", "translate[de]", "evaluate[en]", "evaluate[fr]", "evaluate[de]"]:
+        expect(page.get_by_text(stage, exact=True).first).to_be_visible()
+    page.screenshot(path=str(screenshots / "flow-run-task-runs.png"), full_page=True)
+    page.get_by_role("tab", name="Artifacts").click()
+    expect(page.get_by_text(TABLE_KEY, exact=True)).to_be_visible()
+    expect(page.get_by_text("polyalign-tiny-summary", exact=True)).to_be_visible()
+    page.screenshot(path=str(screenshots / "flow-run-artifacts.png"))
+    page.get_by_text(TABLE_KEY, exact=True).click()
+    page.wait_for_url(f"**/artifacts/key/{TABLE_KEY}**")
+    page.get_by_role("link", name=str(table.id)[:8]).first.click()
+    page.wait_for_url(f"**/artifacts/artifact/{table.id}**")
+    for column in ("benchmark", "language", "stage", "acc"):
+        expect(page.get_by_role("columnheader", name=column, exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name="mini_mc", exact=True).first).to_be_visible()
+    page.screenshot(path=str(screenshots / "evaluation-table.png"))
+
+    # -- a custom run with an override typed into the form: the V1 UI (its object editor takes
+    # JSON; V2's form has no input for a free-form dict); only `evaluate` runs again
+    page.goto(f"{base}/deployments/deployment/{dep.id}")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).click()
+    page.wait_for_url("**/run**")
+    name2 = "ui-override-run"
+    page.locator(".flow-run-name-input input").fill(name2)
+    overrides = _field_v1(page, "overrides (Optional)")
+    overrides.get_by_role("button", name="dict", exact=True).click()
+    editor = overrides.locator("textarea")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type('{"evaluate.translation.limit": "2"}')
+    expect(editor).to_have_value('{"evaluate.translation.limit": "2"}')
+    page.screenshot(path=str(screenshots / "custom-run-overrides-v1.png"), full_page=True)
+    page.get_by_role("button", name="Submit").click()
+    expect(page.get_by_text(f"{name2} scheduled to start now").first).to_be_visible()
+
+    run2 = wait_for(lambda: _flow_run_named(api, name2), 60, f"flow run {name2}")
+    assert run2.parameters["overrides"] == OVERRIDE
+    run2 = _finished(api, run2.id, log)
+    assert run2.state.is_completed(), f"{run2.state.name}: {run2.state.message}\n{topology.tail(log)}"
+    states2 = _task_states(api, run2.id)
+    assert {s: states2.get(s) for s in STAGES} == {**{s: "Cached" for s in STAGES[:-1]}, "evaluate": "Completed"}, states2
+    assert {states2[u] for u in ("evaluate[en]", "evaluate[fr]", "evaluate[de]")} == {"Completed"}, states2
+    arts2 = _artifacts(api, run2.id)
+    assert expected_keys <= set(arts2), sorted(arts2)
+    assert "(cached)" in str(arts2["polyalign-tiny-sft"].data) and "(ran)" in str(arts2["polyalign-tiny-evaluate"].data)
+
+    page.goto(f"{base}/v2/runs/flow-run/{run2.id}")
+    page.get_by_role("tab", name="Task Runs").click()
+    cached = sum(v == "Cached" for v in states2.values())
+    expect(page.get_by_text(f"{len(states2) - cached} Completed, {cached} Cached").first).to_be_visible()
+    expect(page.get_by_text("evaluate[en]", exact=True).first).to_be_visible()
+    page.screenshot(path=str(screenshots / "override-run-task-runs.png"), full_page=True)
