@@ -5,7 +5,8 @@ FLOPs are the usual estimates for a dense transformer of N parameters: 6·N per 
 old-policy passes of PPO). MFU is achieved FLOP/s over the GPU's dense bf16 peak, from the
 table below by device name (None on CPU or an unknown GPU). Tokens are those the trainer
 counted (non-padding) for TRL stages; PPO counts its own. After a resume, the wall time is that
-of the last run only, while the tokens count the whole training.
+of every run of the stage (a killed run counted up to its last write into the work folder), as
+the tokens count the whole training.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ concurrent tasks, and `run_stage` runs them one after another.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import threading
@@ -21,7 +22,7 @@ from polyalign.stages.core.errors import MissingInputError
 from polyalign.stages.core.loading import release_models
 from polyalign.stages.core.pipeline import Pipeline
 from polyalign.stages.core.prepare import ensure_model
-from polyalign.stages.core.store import Artifact, ArtifactWriter
+from polyalign.stages.core.store import Artifact, ArtifactWriter, atomic_write_json
 
 
 def _version() -> str:
@@ -181,12 +182,39 @@ def finish_or_reuse(pipeline: Pipeline, stage: str) -> tuple[Artifact, bool]:
         return _finish_locked(pipeline, stage), True
 
 
+ATTEMPTS = ".attempts.json"  # in the work folder: when each run of the finish step started (and ended)
+
+
+def _earlier_attempts(writer: ArtifactWriter) -> list[dict[str, float]]:
+    """Earlier runs of this finish step, each with its start and end (epoch seconds). A run
+    that was killed has no end: it is taken as the last time it wrote into the work folder."""
+    path = writer.dir / ATTEMPTS
+    try:
+        attempts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(attempts, list):
+        return []
+    for a in attempts:
+        if a.get("end") is None:
+            later = [p.stat().st_mtime for p in writer.dir.rglob("*") if p.is_file() and p.name != ATTEMPTS]
+            a["end"] = max([a["start"], *(t for t in later if t >= a["start"])])
+    return attempts
+
+
 def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
     node, inputs, writer = _prepare(pipeline, stage)
+    earlier = _earlier_attempts(writer)
+    atomic_write_json(writer.dir / ATTEMPTS, [*earlier, {"start": time.time(), "end": None}])
     start = time.perf_counter()
     with PeakRSS() as mem:
         run_module(node.module, node.config, inputs, writer, done=lambda unit: writer.exists(f"_units/{unit}.json"))
     wall = time.perf_counter() - start
+    (writer.dir / ATTEMPTS).unlink(missing_ok=True)
+    if earlier:  # a resumed stage: its wall time is that of every run of it, killed ones included
+        writer.metrics["attempts"] = len(earlier) + 1
+        writer.metrics["wall_seconds_last_attempt"] = round(wall, 3)
+        wall += sum(max(0.0, a["end"] - a["start"]) for a in earlier)
     # units that ran as their own tasks (the flow) left their statistics in _units/
     unit_stats = [writer.read_json(f"_units/{u}.json", keys=("wall_seconds", "peak_rss_bytes")) for u in units(pipeline, stage) or [] if writer.exists(f"_units/{u}.json")]
     m = writer.metrics

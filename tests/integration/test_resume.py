@@ -115,6 +115,8 @@ def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, env):
     m = pipe.store.open("sft", fp).metrics
     assert m["resumed_from_step"] >= at_kill  # no finished checkpoint was redone
     assert m["global_step"] == 60
+    # the efficiency report's time covers the killed run too, not only the resumed one
+    assert m["attempts"] == 2 and m["efficiency"]["wall_seconds"] == m["wall_seconds"] > m["wall_seconds_last_attempt"]
 
     for s in ("self_instruct", "translate", "sft"):
         cli("stage", s, str(TINY), "--store", ref_store, *longer, check=True, env=env)
