@@ -24,7 +24,7 @@ PORT ?= 4200
 # (Debian/Ubuntu; sudo when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-slow test-all venv clean-store server ui-test-deps test-ui
+.PHONY: demo test test-scale test-slow test-all venv clean-store server ui-test-deps test-ui
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ demo: $(VENV)/.models-installed
 
 test: $(VENV)/.project-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the scale-out tier: Dask LocalCluster, a store in a local S3 server (moto), two runs at once
+test-scale: $(VENV)/.project-installed
+	$(BIN)/python -m pytest -m scale $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.llama-cpp-installed
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
