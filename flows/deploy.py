@@ -4,7 +4,8 @@ Every deployment runs the module-level flow `polyalign-pipeline` (Prefect's runn
 in a fresh process for each run), with the config's absolute path as a read-only parameter, so
 a run started from the UI finds the config whatever the serving process's working directory.
 The run form is typed for the pipeline: `until` is a choice among its stages, `overrides` a
-table of KEY.PATH -> VALUE entries (the CLI's `--set`), `concurrency` and `store` as in
+list of {key, value} entries (each one the CLI's `--set KEY.PATH=VALUE`; Prefect's UI draws
+one Key and one Value box per entry, with Add item), `concurrency` and `store` as in
 `polyalign run`. A bad override entered in the form fails the run with the one-line message
 the CLI would print.
 """
@@ -12,20 +13,50 @@ the CLI would print.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from prefect import flow
+from pydantic import BaseModel, BeforeValidator, Field
 
 from polyalign.flows.pipeline import RUNNER, run_pipeline
 from polyalign.stages.core.pipeline import Pipeline
+
+
+class Override(BaseModel):
+    """One config value to change for this run: --set KEY.PATH=VALUE."""
+
+    key: str = Field(description="KEY.PATH, e.g. sft.train.max_steps (a stage's name stands for stages.<name>)")
+    value: str = Field(description="Read as YAML, e.g. 20 or [fr, de]")
+
+
+def _entries(value: Any) -> Any:
+    """Also take, from Python or an API call without the deployment's schema, overrides as
+    {KEY.PATH: VALUE} or as "KEY.PATH=VALUE" strings (the CLI's --set)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [{"key": k, "value": v} for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [dict(zip(("key", "value"), v.split("=", 1))) if isinstance(v, str) and "=" in v else v for v in value]
+    return value
+
+
+# an array of {key, value} objects: the form Prefect's UIs (V2 and V1) can edit, an entry at a time
+Overrides = Annotated[Sequence[Override], BeforeValidator(_entries)]
+
+
+def set_items(overrides: Sequence[Override]) -> list[str]:
+    """The overrides as the CLI's --set items, KEY.PATH=VALUE."""
+    return [f"{o.key}={o.value}" for o in overrides]
 
 
 @flow(name="polyalign-pipeline", log_prints=False, task_runner=RUNNER)
 def polyalign_pipeline(
     config: str,
     until: Optional[str] = None,
-    overrides: Optional[dict[str, str]] = None,
+    overrides: Overrides = (),
     concurrency: int = 2,
     store: Optional[str] = None,
 ) -> Any:
@@ -34,14 +65,13 @@ def polyalign_pipeline(
     Args:
         config: The pipeline YAML (fixed by the deployment).
         until: Stop after this stage (empty: run every stage).
-        overrides: Config values to change for this run, KEY.PATH -> VALUE, as `--set`
-            on the command line (a value is read as YAML), e.g.
-            {"sft.train.max_steps": "20", "languages": "[fr, de]"}.
+        overrides: Config values to change for this run, each as --set KEY.PATH=VALUE on
+            the command line: Add item, then its Key and its Value (read as YAML), e.g.
+            key sft.train.max_steps, value 20; or key languages, value [fr, de].
         concurrency: Stage or language tasks run at once.
         store: Artifact store root (empty: the config's, or $POLYALIGN_STORE).
     """
-    items = [f"{key}={value}" for key, value in (overrides or {}).items()]
-    return run_pipeline(config, items, until, store, max(1, int(concurrency)))
+    return run_pipeline(config, set_items(overrides), until, store, max(1, int(concurrency)))
 
 
 def deployment(config_path: str, pipeline: Pipeline, name: str, plan: list[Any]) -> Any:

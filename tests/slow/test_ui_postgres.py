@@ -8,12 +8,14 @@ headless Chromium (Playwright):
 
 In the UI (the default one, V2): the deployment's page shows its name, its schedule and its
 parameters; Run -> Custom run opens the typed form, where `until` is a choice of the
-pipeline's stages; the run it starts completes; its page shows the run graph, the stage task
-runs and the artifacts, the evaluation table among them. The V2 form has no editor for a
-free-form dict (`overrides`), so a second custom run is started from the V1 UI (still
-served, "Switch to V1 UI") with an override typed into the form as JSON: only the stage it
-changes runs again, the others are Cached. Through the API: the task states and artifacts of
-both runs; in PostgreSQL: the deployment's row.
+pipeline's stages and `overrides` a list of Key/Value entries (Add item) with an example;
+the run it starts completes; its page shows the run graph, the stage task runs and the
+artifacts, the evaluation table among them. A second custom run gets an override entered in
+the form (Add item, Key, Value): only the stage it changes runs again, the others are Cached.
+A third run, with another override and a fault injected once into `evaluate`
+(POLYALIGN_INJECT_FAULT, armed by removing its marker file), fails; the Retry of its page's
+menu resumes it: the stages before `evaluate` Cached. Through the API: the task states and
+artifacts of the runs; in PostgreSQL: the deployment's row.
 
 Screenshots go to $POLYALIGN_SCREENSHOTS (default: the test's temporary folder).
 Needs: PostgreSQL server binaries, Chromium (/usr/bin/chromium), the `playwright` package
@@ -40,7 +42,7 @@ DEPLOYMENT = "ui-test"
 CRON = "0 3 * * *"
 STAGES = ["self_instruct", "translate", "sft", "preferences", "reward_model", "align", "evaluate"]
 TABLE_KEY = "polyalign-tiny-evaluation-table"
-OVERRIDE = {"evaluate.translation.limit": "2"}  # changes the evaluate stage only
+OVERRIDE = {"key": "evaluate.translation.limit", "value": "2"}  # changes the evaluate stage only
 RUN_TIMEOUT = 900  # seconds: the whole tiny DAG on a shared 2-core machine takes 2 to 5 minutes
 UI_TIMEOUT_MS = 60_000
 
@@ -88,12 +90,15 @@ def stack(tmp_path):
         env = services.enter_context(topology.prefect_server(tmp_path / "prefect", logs, db.url))
         worker_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
         worker_env["POLYALIGN_STORE"] = str(tmp_path / "store")
+        fault = tmp_path / "fault-fired"  # the fault is disarmed while this file exists
+        fault.touch()
+        worker_env["POLYALIGN_INJECT_FAULT"] = f"evaluate@{fault}"
         serve_log = logs / "serve.log"
         serve = services.enter_context(topology.started(
             [sys.executable, "-m", "polyalign", "serve", str(TINY), "--name", DEPLOYMENT, "--cron", CRON],
             serve_log, sig=signal.SIGINT, stop_timeout=120, cwd=tmp_path, env=worker_env))
         yield dict(db=db, env=env, api=env["PREFECT_API_URL"], serve=serve, serve_log=serve_log, logs=logs,
-                   store=tmp_path / "store", chromium=chromium)
+                   store=tmp_path / "store", chromium=chromium, fault=fault)
 
 
 @contextlib.contextmanager
@@ -124,12 +129,13 @@ def _finished(api_url: str, run_id, log: Path):
     return wait_for(final, RUN_TIMEOUT, f"flow run {run_id} to finish", interval=3, logs=log)
 
 
-def _task_states(api_url: str, run_id) -> dict[str, str]:
+def _task_states(api_url: str, run_id, attempt: int = 1) -> dict[str, str]:
+    """{task run name: state name} of one attempt of a flow run (a retry is attempt 2)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with _client(api_url) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return {t.name: t.state_name for t in tasks}
+    return {t.name: t.state_name for t in tasks if t.flow_run_run_count == attempt}
 
 
 def _artifacts(api_url: str, run_id) -> dict[str, object]:
@@ -145,8 +151,25 @@ def _field_v2(page, label: str):
     return page.locator("div.group").filter(has=page.locator("label", has_text=label)).last
 
 
-def _field_v1(page, label: str):
-    return page.locator("div.schema-form-property").filter(has=page.locator(".schema-form-property__label", has_text=label)).last
+def _custom_run(page, base: str, dep, name: str) -> None:
+    """The deployment's page -> Run -> Custom run; the run's name filled in."""
+    page.goto(f"{base}/v2/deployments/deployment/{dep.id}")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Custom run").click()
+    page.wait_for_url("**/run**")
+    page.get_by_label("Run Name").fill(name)
+
+
+def _add_override(page, key: str, value: str, expect) -> None:
+    """One more entry in the form's `overrides`: Add item, then its Key and Value boxes."""
+    overrides = _field_v2(page, "overrides (Optional)")
+    keys = overrides.get_by_label("Key", exact=True)
+    n = keys.count()
+    overrides.get_by_role("button", name="Add item").click()
+    expect(keys).to_have_count(n + 1)
+    keys.nth(n).fill(key)
+    overrides.get_by_label("Value", exact=True).nth(n).fill(value)
+    expect(keys.nth(n)).to_have_value(key)
 
 
 def test_ui_on_postgres_deployment_form_custom_runs_tasks_and_artifacts(stack, screenshots):
@@ -212,7 +235,8 @@ def _ui(page, base, api, dep, stack, screenshots, expect):
     expect(page.get_by_role("cell", name=str(TINY.resolve()), exact=True)).to_be_visible()
     page.screenshot(path=str(screenshots / "deployment.png"))
 
-    # -- Run -> Custom run: the typed form; `until` is a choice of the pipeline's stages
+    # -- Run -> Custom run: the typed form; `until` is a choice of the pipeline's stages,
+    # `overrides` a list of entries (none yet) with an example
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Custom run").click()
     page.wait_for_url("**/run**")
@@ -220,6 +244,10 @@ def _ui(page, base, api, dep, stack, screenshots, expect):
     page.get_by_label("Run Name").fill(name1)
     for label in ("config", "until (Optional)", "overrides (Optional)", "concurrency (Optional)", "store (Optional)"):
         expect(page.get_by_text(label, exact=True)).to_be_visible()
+    overrides = _field_v2(page, "overrides (Optional)")
+    expect(overrides).to_contain_text("key sft.train.max_steps, value 20")
+    expect(overrides.get_by_role("button", name="Add item")).to_be_visible()
+    expect(overrides.get_by_role("tab")).to_have_count(0)  # no list/None toggle to go through
     until = _field_v2(page, "until (Optional)")
     until.get_by_role("tab", name="str").click()
     until.get_by_role("button", name="Select").click()
@@ -232,7 +260,7 @@ def _ui(page, base, api, dep, stack, screenshots, expect):
 
     run1 = wait_for(lambda: _flow_run_named(api, name1), 60, f"flow run {name1}")
     assert run1.deployment_id == dep.id
-    assert run1.parameters["until"] == "evaluate" and not run1.parameters.get("overrides")
+    assert run1.parameters["until"] == "evaluate" and not run1.parameters.get("overrides")  # [] or left out
     run1 = _finished(api, run1.id, log)
     assert run1.state.is_completed(), f"{run1.state.name}: {run1.state.message}\n{topology.tail(log)}"
 
@@ -273,27 +301,17 @@ def _ui(page, base, api, dep, stack, screenshots, expect):
     expect(page.get_by_role("cell", name="mini_mc", exact=True).first).to_be_visible()
     page.screenshot(path=str(screenshots / "evaluation-table.png"))
 
-    # -- a custom run with an override typed into the form: the V1 UI (its object editor takes
-    # JSON; V2's form has no input for a free-form dict); only `evaluate` runs again
-    page.goto(f"{base}/deployments/deployment/{dep.id}")
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Custom run", exact=True).click()
-    page.wait_for_url("**/run**")
+    # -- a custom run with an override entered in the form (Add item, Key, Value); only
+    # `evaluate` runs again
     name2 = "ui-override-run"
-    page.locator(".flow-run-name-input input").fill(name2)
-    overrides = _field_v1(page, "overrides (Optional)")
-    overrides.get_by_role("button", name="dict", exact=True).click()
-    editor = overrides.locator("textarea")
-    editor.click()
-    page.keyboard.press("Control+A")
-    page.keyboard.type('{"evaluate.translation.limit": "2"}')
-    expect(editor).to_have_value('{"evaluate.translation.limit": "2"}')
-    page.screenshot(path=str(screenshots / "custom-run-overrides-v1.png"), full_page=True)
+    _custom_run(page, base, dep, name2)
+    _add_override(page, OVERRIDE["key"], OVERRIDE["value"], expect)
+    page.screenshot(path=str(screenshots / "custom-run-overrides.png"))
     page.get_by_role("button", name="Submit").click()
     expect(page.get_by_text(f"{name2} scheduled to start now").first).to_be_visible()
 
     run2 = wait_for(lambda: _flow_run_named(api, name2), 60, f"flow run {name2}")
-    assert run2.parameters["overrides"] == OVERRIDE
+    assert run2.parameters["overrides"] == [OVERRIDE]
     run2 = _finished(api, run2.id, log)
     assert run2.state.is_completed(), f"{run2.state.name}: {run2.state.message}\n{topology.tail(log)}"
     states2 = _task_states(api, run2.id)
@@ -309,3 +327,35 @@ def _ui(page, base, api, dep, stack, screenshots, expect):
     expect(page.get_by_text(f"{len(states2) - cached} Completed, {cached} Cached").first).to_be_visible()
     expect(page.get_by_text("evaluate[en]", exact=True).first).to_be_visible()
     page.screenshot(path=str(screenshots / "override-run-task-runs.png"), full_page=True)
+
+    # -- a run failed by a fault (injected once into `evaluate`'s finish step), retried from
+    # its page's menu (Retry: the state AwaitingRetry): the stages before `evaluate` Cached
+    stack["fault"].unlink()  # arms the fault
+    name3 = "ui-retried-run"
+    _custom_run(page, base, dep, name3)
+    _add_override(page, "evaluate.translation.limit", "1", expect)  # evaluate runs again
+    page.get_by_role("button", name="Submit").click()
+    expect(page.get_by_text(f"{name3} scheduled to start now").first).to_be_visible()
+    run3 = wait_for(lambda: _flow_run_named(api, name3), 60, f"flow run {name3}")
+    run3 = _finished(api, run3.id, log)
+    assert run3.state.is_failed() and "fault injected into evaluate" in (run3.state.message or ""), run3.state
+    assert stack["fault"].exists()  # fired, and will not fire again
+    page.goto(f"{base}/v2/runs/flow-run/{run3.id}")
+    expect(page.get_by_text("Failed").first).to_be_visible()
+    page.get_by_role("button", name="Open menu").first.click()
+    page.get_by_role("menuitem", name="Retry").click()
+    dialog = page.get_by_role("alertdialog")
+    expect(dialog).to_contain_text("AwaitingRetry")
+    dialog.get_by_role("button", name="Retry", exact=True).click()
+    expect(page.get_by_text("Flow run scheduled for retry").first).to_be_visible()
+    run3 = _finished(api, run3.id, log)  # AwaitingRetry now: the served process runs it again
+    assert run3.run_count == 2 and run3.state.is_completed(), f"{run3.state.name}: {run3.state.message}\n{topology.tail(log)}"
+    first, retried = _task_states(api, run3.id, 1), _task_states(api, run3.id, 2)
+    print(f"{name3}, attempt 1: {first}\n{name3}, attempt 2 (Retry): {retried}")
+    assert first["evaluate"] == "Failed", first
+    assert {s: retried.get(s) for s in STAGES} == {**{s: "Cached" for s in STAGES[:-1]}, "evaluate": "Completed"}, retried
+    page.reload()
+    expect(page.get_by_text("Completed").first).to_be_visible()
+    page.get_by_role("tab", name="Task Runs").click()
+    expect(page.get_by_text("evaluate[en]", exact=True).first).to_be_visible()
+    page.screenshot(path=str(screenshots / "retried-run-task-runs.png"), full_page=True)

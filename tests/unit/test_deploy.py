@@ -65,8 +65,41 @@ def test_the_deployment_freezes_the_config_path_and_offers_the_stages_as_choices
     choices = [o["enum"] for o in props["until"]["anyOf"] if "enum" in o]
     assert choices == [pipe.order]
     assert set(props) == {"config", "until", "overrides", "concurrency", "store"}
-    assert "sft.train.max_steps" in props["overrides"]["description"]  # the form shows an example
     assert dep.schedules[0].schedule.cron == "*/5 * * * *"
+
+
+def test_overrides_are_a_list_of_key_value_entries_the_ui_form_can_edit(tmp_path):
+    """Prefect 3.8's default UI (V2) draws an array of objects as Add item + one box per
+    field; an anyOf with null (a list/None toggle) or a free-form dict it cannot fill in."""
+    from polyalign.flows.deploy import deployment
+
+    pipe = load_pipeline(TINY, check_models=False)
+    schema = deployment(str(TINY), pipe, "tiny", [])._parameter_openapi_schema
+    overrides = schema.properties["overrides"]
+    assert "anyOf" not in overrides and overrides["type"] == "array" and overrides["default"] == []
+    assert overrides["items"] == {"$ref": "#/definitions/Override"}
+    entry = schema.definitions["Override"]
+    assert entry["type"] == "object" and entry["required"] == ["key", "value"]
+    assert {k: v["type"] for k, v in entry["properties"].items()} == {"key": "string", "value": "string"}
+    # the form shows an example (Prefect drops Field(examples=...) from the schema)
+    assert "sft.train.max_steps" in overrides["description"] and "20" in overrides["description"]
+    assert "sft.train.max_steps" in entry["properties"]["key"]["description"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        [{"key": "sft.train.max_steps", "value": "20"}, {"key": "languages", "value": "[fr, de]"}],  # the form's, the API's
+        {"sft.train.max_steps": "20", "languages": "[fr, de]"},  # a dict, from Python
+        ["sft.train.max_steps=20", "languages=[fr, de]"],  # --set items
+    ],
+)
+def test_overrides_become_the_clis_set_items_whatever_their_shape(given):
+    from polyalign.flows.deploy import polyalign_pipeline, set_items
+
+    params = polyalign_pipeline.validate_parameters({"config": str(TINY), "overrides": given})
+    assert set_items(params["overrides"]) == ["sft.train.max_steps=20", "languages=[fr, de]"]
+    assert set_items(polyalign_pipeline.validate_parameters({"config": str(TINY)})["overrides"]) == []
 
 
 def test_prefect_yaml_deploys_the_served_flow_with_shipped_configs():
