@@ -85,15 +85,21 @@ def _progress_sink(key: str, description: str) -> Any:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     made: list[Any] = []
+    broken: list[str] = []
 
     def sink(percent: float) -> None:
+        if broken:
+            return
         try:
             if made:
                 update_progress_artifact(made[0], percent)
             else:
                 made.append(create_progress_artifact(percent, key=key, description=description))
-        except Exception as exc:  # noqa: BLE001 - the UI's progress bar never stops the work
-            print(f"[progress] {key}: not published ({type(exc).__name__})")
+        # best effort, whatever the API client raises (HTTP, connection, no run context):
+        # a progress bar never stops the work; said once, then no more tries for this task
+        except Exception as exc:  # noqa: BLE001
+            broken.append(type(exc).__name__)
+            print(f"[progress] {key}: not published ({type(exc).__name__}); the task goes on without it")
 
     return progress.reporting_to(sink)
 

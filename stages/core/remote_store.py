@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from polyalign.stages.core.errors import StoreError
+from polyalign.stages.core.errors import CorruptArtifactError, StoreError
 from polyalign.stages.core.store import MANIFEST, Artifact, Store, _digest_or_none, check_manifest
 
 CACHE_ENV = "POLYALIGN_STORE_CACHE"
@@ -89,14 +89,7 @@ class RemoteStore(Store):
     def _download(self, stage: str, fp: str, manifest: dict[str, Any]) -> None:
         """Copy a complete remote artifact into the cache, checking each file, then rename
         the folder into place (locally atomic)."""
-        try:
-            files = check_manifest(manifest, fp)
-        except ValueError as exc:
-            raise self.corrupt_error(stage, fp, f"remote {exc}") from None
-        sizes = self._remote_sizes(stage, fp)
-        for rel, meta in files.items():
-            if sizes.get(rel) != meta["size"]:
-                raise self.corrupt_error(stage, fp, f"remote {rel[:120]} is missing or has the wrong size")
+        files = self._complete_files(stage, fp, manifest)
         tmp = self.root / stage / f"{fp}.download-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -118,6 +111,19 @@ class RemoteStore(Store):
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _complete_files(self, stage: str, fp: str, manifest: dict[str, Any], required: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+        """The files table of a remote artifact whose manifest is valid and whose listed files
+        are all there with their sizes; otherwise CorruptArtifactError (one line)."""
+        try:
+            files = check_manifest(manifest, fp, required)
+        except ValueError as exc:
+            raise self.corrupt_error(stage, fp, f"remote {exc}") from None
+        sizes = self._remote_sizes(stage, fp)
+        for rel, meta in files.items():
+            if sizes.get(rel) != meta["size"]:
+                raise self.corrupt_error(stage, fp, f"remote {rel[:120]} is missing or has the wrong size")
+        return files
 
     def _remote_sizes(self, stage: str, fp: str) -> dict[str, int]:
         base = self._remote(stage, fp)
@@ -158,13 +164,9 @@ class RemoteStore(Store):
         manifest = self._remote_manifest(stage, fp)
         if manifest is not None:
             try:
-                files = check_manifest(manifest, fp, required)
-            except ValueError as exc:
-                return "corrupt", str(self.corrupt_error(stage, fp, f"remote {exc}"))
-            sizes = self._remote_sizes(stage, fp)
-            bad = [rel for rel, meta in files.items() if sizes.get(rel) != meta["size"]]
-            if bad:
-                return "corrupt", str(self.corrupt_error(stage, fp, f"remote {bad[0][:120]} is missing or has the wrong size"))
+                self._complete_files(stage, fp, manifest, required)
+            except CorruptArtifactError as exc:
+                return "corrupt", str(exc)
             return "cached", None
         return super().diagnose(stage, fp, required, deep)
 

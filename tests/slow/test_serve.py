@@ -101,9 +101,11 @@ def _logs(cwd) -> str:
 
 def _deployment(env: dict, serve: subprocess.Popen, cwd):
     async def find(client):
+        from prefect.exceptions import ObjectNotFound
+
         try:
             return await client.read_deployment_by_name("polyalign-pipeline/tiny")
-        except Exception:  # not registered yet
+        except ObjectNotFound:  # not registered yet
             return None
 
     def found():
