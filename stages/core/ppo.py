@@ -9,7 +9,9 @@ TRL removed its PPOTrainer; this is the algorithm Okapi ran (through trlx), writ
   same network with a frozen copy of those N layers only.
 - A value head (one linear layer) reads the last hidden state at every position: of the
   policy's own backbone, or of a separate critic network (`critic=`, with its own trainable
-  parameters) so that value and policy gradients never share weights.
+  parameters) so that value and policy gradients never share weights. It starts as the
+  constant mean score of the first batch (zero weights), so that the first advantages are
+  centred per response and the first value losses do not pull the shared backbone around.
 - Each step samples one response per prompt for `rollouts` prompts (top_k 0, top_p 1,
   temperature 1; generated `chunk` prompts at a time), scores prompt and response with the
   reward function, clips the score to +-`reward_clip` and optionally penalises a response that
@@ -37,7 +39,6 @@ checkpoints; each process keeps its own random generators in them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -230,8 +231,10 @@ class PPOTrainer:
         hidden = _unwrap(backbone).config.hidden_size
         torch.manual_seed(settings.seed)
         self.value_head = torch.nn.Linear(hidden, 1).to(backbone.device)
+        # values start at zero: a random head on hidden states of large norm starts far from the
+        # returns, and its loss (through a shared backbone) would move the policy at random
         torch.nn.init.zeros_(self.value_head.bias)
-        torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
+        torch.nn.init.zeros_(self.value_head.weight)
         self.critic_params = {n: p for n, p in critic.named_parameters() if p.requires_grad} if critic is not None else {}
         params = list(self.trainable.values()) + list(self.critic_params.values()) + list(self.value_head.parameters())
         if self.world > 1:  # every process starts from the main one's weights
@@ -424,6 +427,12 @@ class PPOTrainer:
         scores = scores.clamp(-s.reward_clip, s.reward_clip)
         if s.missing_eos_penalty is not None:
             scores = scores - s.missing_eos_penalty * torch.tensor([0.0 if e else 1.0 for e in roll["ended"]], device=ids.device)
+        if self.step == 0:
+            # the value head starts at the first batch's mean score (over every process): with a
+            # constant value the advantages of a response are centred on that mean, so whitening
+            # them over tokens does not favour long responses when scores are all of one sign
+            with torch.no_grad():
+                self.value_head.bias.fill_(float(_all_gather(scores).mean()))
         # the no-grad passes go a minibatch at a time: their peak memory is that of an update
         parts: dict[str, list[Any]] = {"old": [], "values": [], "ref": []}
         with torch.no_grad():

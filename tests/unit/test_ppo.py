@@ -61,17 +61,23 @@ def _share_of_e(prompts, responses):
     return [10 * r.count("e") / max(1, len(r)) for r in responses]
 
 
+def _share_of_e_unscaled(prompts, responses):
+    return [r.count("e") / max(1, len(r)) for r in responses]
+
+
 def test_mean_reward_rises_under_a_rule_reward_while_kl_stays_bounded(tmp_path):
     model, tok = _policy()
     target = 10.0
     settings = PPOSettings(steps=24, rollouts=12, chunk=12, minibatch=6, ppo_epochs=2, learning_rate=1e-2,
                            max_new_tokens=12, kl_coef=0.1, kl_target=target, kl_horizon=12, seed=1)
-    history = list(PPOTrainer(model, tok, PROMPTS, _share_of_e, settings, tmp_path / "ckpt").train())
+    # the share itself (0 to 1): a reward on the scale of a reward model's scores, against which
+    # the KL penalty can hold the policy
+    history = list(PPOTrainer(model, tok, PROMPTS, _share_of_e_unscaled, settings, tmp_path / "ckpt").train())
     first = sum(h["reward_mean"] for h in history[:4]) / 4
     later = sum(h["reward_mean"] for h in history[12:]) / 12
     kls = [round(h["kl"], 1) for h in history]
-    print(f"mean reward {first:.2f} (steps 1-4) -> {later:.2f} (steps 13-24); KL {kls}")
-    assert later > first + 0.6, (first, later)  # from about 0.6: e is 6% of random characters
+    print(f"mean reward {first:.3f} (steps 1-4) -> {later:.3f} (steps 13-24); KL {kls}")
+    assert later > first + 0.06, (first, later)  # from about 0.06: e is 6% of random characters
     # the controller let the KL grow while below the target, then pulled it back: it stays
     # within a few times the target while the reward keeps its gain
     coefs = [h["kl_coef"] for h in history]
@@ -152,14 +158,15 @@ def test_mean_reward_rises_against_a_learned_reward_model(tmp_path):
             return score(rm, rm_tok, [conversation(p, r) for p, r in zip(prompts, responses)], 12)
 
     model, tok = _policy()
-    settings = PPOSettings(steps=16, rollouts=12, chunk=12, minibatch=6, ppo_epochs=2, learning_rate=1e-2,
+    settings = PPOSettings(steps=24, rollouts=12, chunk=12, minibatch=6, ppo_epochs=2, learning_rate=1e-2,
                            max_new_tokens=12, kl_coef=0.1, kl_target=10.0, kl_horizon=12, seed=1)
     history = list(PPOTrainer(model, tok, PROMPTS, reward, settings, tmp_path / "ckpt").train())
     first = sum(h["reward_mean"] for h in history[:4]) / 4
-    later = sum(h["reward_mean"] for h in history[8:]) / 8
+    later = sum(h["reward_mean"] for h in history[12:]) / 12
     # the standard error of the first mean (48 rollouts): the gain must be well beyond noise
     error = sum(h["reward_std"] for h in history[:4]) / 4 / math.sqrt(4 * 12)
-    print(f"reward-model score {first:.3f} (steps 1-4) -> {later:.3f} (steps 9-16); standard error {error:.3f}")
+    print(f"reward-model score {first:.3f} (steps 1-4) -> {later:.3f} (steps 13-24); standard error {error:.3f}")
+    print("reward, KL per step:", [(round(h["reward_mean"], 2), round(h["kl"], 1)) for h in history])
     assert later - first > 3 * error, (first, later, error)
     assert max(h["kl"] for h in history) < 30
 
@@ -216,6 +223,8 @@ def test_a_separate_critic_takes_the_value_gradients_and_leaves_the_policy_to_th
     trainer = PPOTrainer(model, tok, PROMPTS, _share_of_e, settings, tmp_path / "ckpt", critic=critic)
     # the policy's backbone is not the critic's: the value loss alone gives the policy no gradient
     ids = tok(["Say hello. eee"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # the head starts at zero, which passes no gradient back
+        trainer.value_head.weight.normal_()
     _, values, _ = trainer._forward(ids, torch.ones_like(ids), 3, with_values=True)
     values.sum().backward()
     assert all(p.grad is None for p in trainer.trainable.values())
