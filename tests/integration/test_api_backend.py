@@ -64,6 +64,11 @@ def test_whole_dag_over_http_and_faults_lose_nothing_and_the_key_stays_secret(se
     for lang in ("fr", "de"):  # evaluate's judge (the teacher) rated through the server
         models = ev.read_json(f"results/{lang}.json")["responses"]["models"]
         assert all(1 <= models[v]["judge_rating"] <= 5 for v in ("base", "sft", "aligned")), models
+    again = cli("run", str(API), "--store", clean, *_sets(server), env=env)  # nothing left to do
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in whole.order:
+        assert f"[{stage}: Cached]" in again.stdout, stage
+    assert "Finished in state Cached" in again.stderr + again.stdout
     server.faults.rate = 0.3
     start = len(server.log)
     second = cli("run", str(API), "--until", "preferences", "--store", faulty, *_sets(server), env=env)
@@ -100,7 +105,7 @@ def test_whole_dag_over_http_and_faults_lose_nothing_and_the_key_stays_secret(se
         for f in root.rglob("*"):
             if f.is_file():
                 assert CANARY.encode() not in f.read_bytes(), f
-    for proc in (first, second):
+    for proc in (first, again, second):
         assert CANARY not in proc.stdout + proc.stderr
 
 

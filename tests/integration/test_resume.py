@@ -130,17 +130,3 @@ def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, env):
     assert ref["resumed_from_step"] == 0
     assert (m["examples"], m["examples_per_language"]) == (ref["examples"], ref["examples_per_language"])
 
-
-def test_cli_rerun_reports_every_stage_cached(tmp_path, env):
-    store = str(tmp_path / "store")
-    first = cli("run", str(TINY), "--store", store, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    start = time.perf_counter()
-    second = cli("run", str(TINY), "--store", store, env=env)
-    elapsed = time.perf_counter() - start
-    assert second.returncode == 0, second.stderr[-3000:]
-    pipe = load_pipeline(TINY, store=store)
-    for stage in pipe.order:
-        assert f"[{stage}: Cached]" in second.stdout
-    assert "Finished in state Cached" in second.stderr + second.stdout
-    print(f"cached rerun: {elapsed:.1f} s (timed by bench/cached_rerun.py, not asserted here)")
