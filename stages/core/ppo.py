@@ -427,12 +427,13 @@ class PPOTrainer:
         scores = scores.clamp(-s.reward_clip, s.reward_clip)
         if s.missing_eos_penalty is not None:
             scores = scores - s.missing_eos_penalty * torch.tensor([0.0 if e else 1.0 for e in roll["ended"]], device=ids.device)
+        all_scores = _all_gather(scores)  # every process's, for the metrics
         if self.step == 0:
             # the value head starts at the first batch's mean score (over every process): with a
             # constant value the advantages of a response are centred on that mean, so whitening
             # them over tokens does not favour long responses when scores are all of one sign
             with torch.no_grad():
-                self.value_head.bias.fill_(float(_all_gather(scores).mean()))
+                self.value_head.bias.fill_(float(all_scores.mean()))
         # the no-grad passes go a minibatch at a time: their peak memory is that of an update
         parts: dict[str, list[Any]] = {"old": [], "values": [], "ref": []}
         with torch.no_grad():
@@ -491,9 +492,8 @@ class PPOTrainer:
                         float((0.5 * (logp - old_logp[idx]) ** 2 * m).sum() / tokens),
                         float((entropy * m).sum() / tokens), 1.0,
                     ], dtype=torch.float64, device=ids.device)
-        # over every process: the step's scores, KL and lengths, the mean of the update statistics
+        # over every process (the scores were gathered above): KL and lengths, the mean of the update statistics
         _all_reduce(sums)
-        all_scores = _all_gather(scores)
         kl_rows = _all_gather(kl_tokens.sum(1))
         all_lengths = _all_gather(lengths.float())
         tokens_total = _all_reduce(attn.sum().float().reshape(1))

@@ -56,13 +56,14 @@ def _policy(seed: int = 11):
     return model, tok
 
 
-def _share_of_e(prompts, responses):
-    """The rule reward: the share of the response's characters that are the letter e."""
-    return [10 * r.count("e") / max(1, len(r)) for r in responses]
-
-
 def _share_of_e_unscaled(prompts, responses):
+    """The rule reward: the share of the response's characters that are the letter e."""
     return [r.count("e") / max(1, len(r)) for r in responses]
+
+
+def _share_of_e(prompts, responses):
+    """Ten times the share: a strong signal for the tests that only need the policy to move."""
+    return [10 * x for x in _share_of_e_unscaled(prompts, responses)]
 
 
 def test_mean_reward_rises_under_a_rule_reward_while_kl_stays_bounded(tmp_path):
