@@ -1,21 +1,27 @@
 """Supervised fine-tuning of the base model on the multilingual instruction data.
 
-TRL's SFTTrainer with a LoRA/DoRA adapter, chat-formatted prompt/completion pairs and loss on
-the completion only. Trainer checkpoints live in the partial folder; a rerun resumes from the
-newest one. The artifact is the adapter (`model/`), loaded on top of the base model.
+TRL's SFTTrainer with chat-formatted prompt/completion pairs and loss on the completion only.
+`lora.method` picks how the model is fine-tuned (`core.adapters`: peft adapters, prompt and
+prefix tuning, QLoRA, full fine-tuning, LISA from `core.lisa`). Languages are mixed as they
+come, or resampled by per-language weights or a temperature (`mix_*`). Trainer checkpoints
+live in the partial folder; a rerun resumes from the newest one. The artifact is the adapter
+(`model/`, loaded on top of the base model) or, for full and LISA, the whole model.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from polyalign.stages.core.adapters import SftPeftSettings
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
-from polyalign.stages.core.training import PeftSettings, TrainSettings
+from polyalign.stages.core.training import TrainSettings
 
 VERSION = "2"
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
@@ -26,12 +32,32 @@ class Config(StageConfig):
     model: str = model_field("Base model (name in `models:`) to fine-tune.")
     languages: list[str] = Field(default_factory=list, description="Train on these languages (empty: all).")
     include_english: bool = Field(True, description="Also train on the English source records.")
-    lora: PeftSettings = Field(default_factory=PeftSettings, description="Adapter settings.")
+    lora: SftPeftSettings = Field(default_factory=SftPeftSettings, description="Fine-tuning method and adapter settings.")
+    mix_temperature: float = Field(
+        1.0, gt=0,
+        description="Resample languages with probability proportional to count**(1/T): 1 keeps the data as it is, "
+        "larger values move towards uniform (the total number of examples stays the same).",
+    )
+    mix_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Resample languages by these weights instead (language -> weight, every trained language named).",
+    )
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
     save_steps: int = runtime_field(50, "Write a resumable checkpoint every this many steps.", gt=0)
     logging_steps: int = runtime_field(10, "Log the loss every this many steps.", gt=0)
 
     _langs = field_validator("languages")(lambda cls, v: check_languages(v))
+
+    @model_validator(mode="after")
+    def _one_mix(self) -> "Config":
+        if self.mix_weights and self.mix_temperature != 1.0:
+            raise ValueError("mix_weights: give either mix_weights or mix_temperature, not both")
+        bad = [k for k, w in self.mix_weights.items() if not (w >= 0 and math.isfinite(w))]
+        if bad:
+            raise ValueError(f"mix_weights.{bad[0]}: a weight is a finite number >= 0")
+        if self.mix_weights and not any(self.mix_weights.values()):
+            raise ValueError("mix_weights: at least one weight must be above 0")
+        return self
 
 
 def _train_rows(path: str) -> Iterator[dict]:
@@ -42,12 +68,38 @@ def _train_rows(path: str) -> Iterator[dict]:
             yield r
 
 
-def _examples(paths: list[str]) -> Iterator[dict]:
-    """Chat-formatted prompt/completion pairs of the training records in `paths`."""
+def mix_counts(counts: dict[str, int], weights: dict[str, float] | None, temperature: float) -> dict[str, int]:
+    """Examples per language after resampling: the same total, shared out in proportion to
+    `weights`, or else to count**(1/temperature) (largest remainders get the rounding)."""
+    total = sum(counts.values())
+    raw = {lang: (weights[lang] if weights else n ** (1.0 / temperature)) for lang, n in counts.items()}
+    norm = sum(raw.values())
+    exact = {lang: total * v / norm for lang, v in raw.items()}
+    out = {lang: int(x) for lang, x in exact.items()}
+    for lang in sorted(exact, key=lambda k: (out[k] - exact[k], k))[: total - sum(out.values())]:
+        out[lang] += 1
+    return out
+
+
+def _picks(n: int, want: int, seed: str) -> list[int]:
+    """`want` row numbers out of `n`: whole passes over every row, then a seeded sample."""
+    rng = random.Random(seed)
+    picks = list(range(n)) * (want // n) + rng.sample(range(n), want % n)
+    return sorted(picks)
+
+
+def _examples(paths: list[str], picks: list[list[int]] | None = None) -> Iterator[dict]:
+    """Chat-formatted prompt/completion pairs of the training records in `paths` (each file's
+    rows `picks[i]`, repeats included, when given)."""
     from polyalign.stages.core.training import user_message
 
-    for path in paths:
-        for r in _train_rows(path):
+    for i, path in enumerate(paths):
+        rows = _train_rows(path)
+        if picks is not None:
+            wanted = picks[i]
+            kept = list(_train_rows(path)) if wanted else []
+            rows = (kept[k] for k in wanted)
+        for r in rows:
             yield {
                 "prompt": [{"role": "user", "content": user_message(r)}],
                 "completion": [{"role": "assistant", "content": r["output"]}],
@@ -60,8 +112,10 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
-    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
+    from polyalign.stages.core import adapters
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer, torch_dtype
+    from polyalign.stages.core.training import train_resumable, trainer_kwargs
 
     # only the files of the languages trained on are opened; records are streamed from them
     # into an Arrow table on disk (bounded memory), in the order of the files
@@ -72,45 +126,110 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         if (not cfg.languages or rel.split("/")[1] in langs) and (cfg.include_english or rel.split("/")[1] != "en")
     ]
     paths = [str(art.file(rel)) for rel in files]  # each checked against its digest
+    per_file = [sum(1 for _ in _train_rows(p)) for p in paths]
     per_lang: dict[str, int] = {}
-    for rel, path in zip(files, paths):
-        lang = rel.split("/")[1]
-        per_lang[lang] = per_lang.get(lang, 0) + sum(1 for _ in _train_rows(path))
-    n_rows = sum(per_lang.values())
-    if not n_rows:
+    for rel, n in zip(files, per_file):
+        per_lang[rel.split("/")[1]] = per_lang.get(rel.split("/")[1], 0) + n
+    per_lang = {k: v for k, v in per_lang.items() if v}
+    if not per_lang:
         raise RuntimeError("sft: no training records after the language and split filters")
-    from polyalign.stages.core.distributed import rank
+    missing = sorted(set(per_lang) - set(cfg.mix_weights))
+    if cfg.mix_weights and missing:
+        raise UserError(f"sft.mix_weights: no weight for {', '.join(missing)} (every trained language needs one)")
+
+    picks: list[list[int]] | None = None
+    effective = per_lang
+    if cfg.mix_weights or cfg.mix_temperature != 1.0:
+        effective = mix_counts(per_lang, cfg.mix_weights or None, cfg.mix_temperature)
+        picks = [[] for _ in paths]
+        for lang, want in effective.items():  # rows of a language are numbered across its files
+            mine = [i for i, rel in enumerate(files) if rel.split("/")[1] == lang]
+            offsets = [0]
+            for i in mine:
+                offsets.append(offsets[-1] + per_file[i])
+            for k in _picks(per_lang[lang], want, f"{cfg.train.seed}:{lang}"):
+                j = next(j for j in range(len(mine)) if k < offsets[j + 1])
+                picks[mine[j]].append(k - offsets[j])
+    n_rows = sum(effective.values())
+    from polyalign.stages.core.distributed import rank, world_size
 
     cache = out.path(f"dataset_cache/rank{rank()}")  # work space: removed before the artifact is committed
-    data = Dataset.from_generator(_examples, gen_kwargs={"paths": paths}, cache_dir=str(cache))
+    data = Dataset.from_generator(_examples, gen_kwargs={"paths": paths, "picks": picks}, cache_dir=str(cache))
     path = inputs.model(cfg.model)
     tok = load_tokenizer(path, padding_side="right")
-    model = load_causal_lm(path, dtype=inputs.model_dtype(cfg.model))
+    method = cfg.lora.method
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=adapters.quantization_config(), dtype=torch_dtype(inputs.model_dtype(cfg.model))
+        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = load_causal_lm(path, dtype=inputs.model_dtype(cfg.model))
+    t = cfg.train
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(
+        t.num_epochs * math.ceil(n_rows / (t.batch_size * t.gradient_accumulation_steps * world_size()))
+    )
+    peft_cfg = adapters.build_peft_config(cfg.lora, model, path, steps)
     ckpt_dir = out.path("checkpoints")
     args = SFTConfig(
         **trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps),
         max_length=cfg.train.max_length,
         completion_only_loss=True,
+        ddp_find_unused_parameters=method == "lisa" or None,  # LISA's frozen layers have no gradient
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        peft_config=peft_config(cfg.lora, "CAUSAL_LM"),
-    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_cfg)
+    lisa = None
+    if method == "lisa":
+        from polyalign.stages.core.lisa import lisa_callback
+
+        lisa = lisa_callback(trainer.model, cfg.lora.lisa_layers, cfg.lora.lisa_interval, cfg.train.seed)
+        trainer.add_callback(lisa)
+    elif method == "adalora":
+        trainer.add_callback(adapters.adalora_callback())
+    pissa_init = out.path("pissa_init")  # work space: PiSSA's starting adapter, to save a plain LoRA
+    if method == "pissa" and not (pissa_init / "adapter_config.json").exists():
+        trainer.model.peft_config["default"].init_lora_weights = True  # reloading it must not run the SVD again
+        trainer.model.save_pretrained(str(pissa_init), safe_serialization=True)
+        trainer.model.peft_config["default"].init_lora_weights = "pissa"
+
     def save() -> None:
-        trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True)
+        extra = {"path_initial_model_for_weight_conversion": str(pissa_init)} if method == "pissa" else {}
+        trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True, **extra)
         tok.save_pretrained(str(out.path("model")))
 
     stats = train_resumable(trainer, ckpt_dir, save, tensorboard="tensorboard" in cfg.train.report_to)
     del trainer, data
     shutil.rmtree(cache.parent, ignore_errors=True)
+    shutil.rmtree(pissa_init, ignore_errors=True)
     log_history = stats.pop("log_history")
     out.write_json("train_log.json", log_history)
-    out.metrics.update(stats, examples=n_rows, examples_per_language=per_lang)
+    if lisa is not None:
+        out.write_json("lisa_layers.json", lisa.history)
+        stats["lisa_draws"] = len(lisa.history)
+    out.metrics.update(stats, method=method, examples=n_rows, examples_per_language=effective)
+    if picks is not None:
+        probs = {k: round(v / n_rows, 4) for k, v in effective.items()}
+        out.metrics["mixing"] = {"temperature": cfg.mix_temperature, "weights": cfg.mix_weights or None,
+                                 "available_per_language": per_lang, "sampling_probabilities": probs}
+    out.card = _card(cfg, per_lang, effective)
     out.summary = (
-        f"SFT ({cfg.lora.method}, r={cfg.lora.r}) on {n_rows} examples in {len(per_lang)} languages: "
+        f"SFT ({method}) on {n_rows} examples in {len(effective)} languages: "
         f"{stats['global_step']} steps, loss {stats['first_logged_loss']} -> {stats['last_logged_loss']}, "
         f"{stats['trainable_params']:,} trainable parameters."
     )
+
+
+def _card(cfg: Config, available: dict[str, int], effective: dict[str, int]) -> str:
+    """The card of what the model was trained on: the language mix."""
+    how = ("as the data came" if effective is available else
+           f"resampled by the weights {cfg.mix_weights}" if cfg.mix_weights else
+           f"resampled with temperature {cfg.mix_temperature} (probability proportional to count**(1/T))")
+    total = sum(effective.values())
+    rows = "\n".join(f"| {lang} | {available[lang]} | {effective[lang]} | {effective[lang] / total:.3f} |"
+                     for lang in sorted(effective))
+    return (f"# SFT training mix\n\nMethod: `{cfg.lora.method}`. Languages mixed {how}.\n\n"
+            "| language | records available | examples trained on | share |\n|---|---:|---:|---:|\n"
+            f"{rows}\n\nExamples trained on: {total} per epoch.\n")

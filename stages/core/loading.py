@@ -7,7 +7,10 @@
   onto it by name and merged into it on demand, so the base, SFT and aligned variants of an
   evaluation cost one model, not three. Switching restores the base weights from a copy of
   the adapted layers taken before the first merge, so every variant computes exactly what a
-  freshly merged copy would (`merge_and_unload`, adapter after adapter).
+  freshly merged copy would (`merge_and_unload`, adapter after adapter). Adapters of other
+  kinds (IA3, LoHa, LoKr, AdaLoRA) cannot share a peft model with LoRA ones: a chain holding
+  one is merged into a resident model of its own. Prompt and prefix tuning adapters merge
+  into nothing and are refused with a one-line error.
   Tasks that want the same variant share the model; a task that wants another one waits
   until the model is free.
 - Tokenizers are cached per thread: a fast tokenizer is not safe to call from two threads
@@ -80,6 +83,27 @@ def is_adapter(folder: str) -> bool:
     return (Path(folder) / "adapter_config.json").exists()
 
 
+def adapter_type(folder: str) -> str:
+    """The peft type of an adapter folder (LORA, IA3, PROMPT_TUNING, ...)."""
+    import json
+
+    return str(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type", "LORA"))
+
+
+PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+
+
+def check_mergeable(folder: str) -> None:
+    """Refuse an adapter of virtual tokens: nothing of it can be merged into the weights."""
+    kind = adapter_type(folder)
+    if kind in PROMPT_TYPES:
+        from polyalign.stages.core.errors import UserError
+
+        raise UserError(f"{folder}: a {kind.lower()} adapter adds virtual tokens, which cannot be merged into the "
+                        "model; stages after sft need a weight adapter (sft.lora.method: lora, dora, ia3, ...) "
+                        "or full/lisa")
+
+
 def load_causal_lm(
     path: str, adapters: Sequence[str] | None = None, dtype: str = "auto", num_labels: int | None = None
 ) -> Any:
@@ -104,6 +128,7 @@ def load_causal_lm(
             extra = {} if num_labels is None else {"num_labels": num_labels}
             model = cls.from_pretrained(adapter, dtype=torch_dtype(dtype), **extra)
             continue
+        check_mergeable(adapter)
         config = PeftConfig.from_pretrained(adapter)
         if num_labels is not None:
             config.task_type = None  # a causal-LM adapter merged into a classifier's backbone
@@ -134,10 +159,10 @@ def load_reward_model(path: str, adapters: Sequence[str], dtype: str = "auto") -
 class _Resident:
     """One base model in memory with named adapters merged into it on demand."""
 
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, dtype: str, merged: tuple[str, ...] = ()):
         self.path = path
         self.dtype = dtype
-        self.base = load_causal_lm(path, dtype=dtype)
+        self.base = load_causal_lm(path, merged, dtype=dtype)  # adapters that are not LoRA: merged for good
         self.peft: Any = None  # the PeftModel once an adapter is loaded
         self.names: dict[str, str] = {}  # adapter folder -> adapter name
         self.pristine: dict[str, tuple[Any, Any]] = {}  # module name -> (weight, bias) before any merge
@@ -248,7 +273,7 @@ class _Resident:
         return adapters == self.current
 
 
-_residents: dict[tuple[str, str], _Resident] = {}
+_residents: dict[tuple[str, tuple[str, ...], str], _Resident] = {}
 _reward_models: dict[tuple[str, tuple[str, ...], str], Any] = {}
 _tokenizers: dict[tuple[str, int], Any] = {}
 _cache_lock = threading.Lock()
@@ -261,14 +286,20 @@ def _key_lock(key: tuple[Any, ...]) -> threading.Lock:
         return _key_locks.setdefault(key, threading.Lock())
 
 
-def split_chain(path: str, adapters: Sequence[str]) -> tuple[str, tuple[str, ...]]:
-    """(weights loaded as the base, PEFT adapters on top): a fully fine-tuned model in the
-    chain replaces everything before it."""
+def split_chain(path: str, adapters: Sequence[str]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(weights loaded as the base, adapters merged into it once, LoRA adapters switched on
+    top): a fully fine-tuned model in the chain replaces everything before it; an adapter of
+    another kind (IA3, LoHa, AdaLoRA, ...) cannot share a peft model with LoRA adapters, so it
+    and everything before it are merged into a model of their own."""
     chain = list(adapters)
     full = [i for i, a in enumerate(chain) if not is_adapter(a)]
     if full:
         path, chain = chain[full[-1]], chain[full[-1] + 1 :]
-    return path, tuple(chain)
+    for a in chain:
+        check_mergeable(a)
+    other = [i for i, a in enumerate(chain) if adapter_type(a) != "LORA"]
+    cut = other[-1] + 1 if other else 0
+    return path, tuple(chain[:cut]), tuple(chain[cut:])
 
 
 def thread_tokenizer(path: str) -> Any:
@@ -290,13 +321,13 @@ def use_lm(path: str, adapters: Sequence[str] = (), dtype: str = "auto") -> Iter
     The model is shared within the process and must not be modified; hold it only inside
     the `with` block. The tokenizer is the base model's, private to the calling thread.
     """
-    base, chain = split_chain(path, adapters)
-    key = (base, dtype)
+    base, merged, chain = split_chain(path, adapters)
+    key = (base, merged, dtype)
     with _key_lock(("lm", *key)):  # loading one model does not hold up users of another
         with _cache_lock:
             resident = _residents.get(key)
         if resident is None:
-            resident = _Resident(base, dtype)
+            resident = _Resident(base, dtype, merged)
             with _cache_lock:
                 _residents[key] = resident
     tok = thread_tokenizer(path)

@@ -26,6 +26,12 @@ class VLLMBackend:
             ) from None
         if len(adapters) > 1:
             raise GenerationError(f"models.{name}.backend: vllm serves one LoRA adapter at a time, {len(adapters)} were chained")
+        from polyalign.stages.core.loading import adapter_type, is_adapter
+
+        other = [adapter_type(a) for a in adapters if is_adapter(a) and adapter_type(a) != "LORA"]
+        if other:
+            raise GenerationError(f"models.{name}.backend: vllm serves LoRA adapters only, not {other[0].lower()}; "
+                                  "use backend: transformers for this pipeline")
         self.name = name
         self.usage = Usage()
         dtype_arg = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(dtype, "auto")

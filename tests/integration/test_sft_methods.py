@@ -1,0 +1,272 @@
+"""Every fine-tuning method of `sft.lora.method` on the tiny pipeline: it trains a few steps,
+changes only what the method should change, and its artifact reloads (merged, and unmerged
+with the same outputs). LISA changes exactly the layers its log names, and a LISA run killed
+(-9) and resumed draws the same layers as a run never killed. Language mixing resamples to
+the asked shares."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from polyalign.stages.core.pipeline import load_pipeline
+from tests.conftest import ROOT, TINY, cli
+
+pytestmark = pytest.mark.integration
+
+ADAPTERS = ["lora", "dora", "rslora", "pissa", "adalora", "ia3", "loha", "lokr", "qlora"]
+# the parameter names each method saves (PEFT's names); nothing else may be in its file
+SAVED = {
+    "lora": ("lora_A", "lora_B"), "rslora": ("lora_A", "lora_B"), "pissa": ("lora_A", "lora_B"),
+    "qlora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+    "adalora": ("lora_A", "lora_B", "lora_E"), "ia3": ("ia3_l",), "loha": ("hada_w1", "hada_w2"),
+    "lokr": ("lokr_w1", "lokr_w2"),
+}
+# LISA needs layers to choose from: a 6-layer tiny model for sft alone (translate's fingerprint
+# names the base model, so the base itself is left as it is)
+DEEP = ["models.deep={tiny: {seed: 3, num_layers: 6}}", "sft.model=deep"]
+LAYER_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """A store with self_instruct and translate done (shared by the tests)."""
+    store = str(tmp_path_factory.mktemp("sft-methods"))
+    proc = cli("run", str(TINY), "--until", "translate", "--store", store)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store
+
+
+def _sft(store: str, sets: list[str]):
+    from polyalign.stages.core.runner import run_stage
+
+    pipe = load_pipeline(TINY, ["sft.train.max_steps=3", *sets], store=store)
+    art, _ = run_stage(pipe, "sft")
+    return pipe, art
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / ("adapter_model.safetensors" if (Path(folder) / "adapter_config.json").exists() else "model.safetensors")))
+
+
+def _changed(pipe, model) -> set[str]:
+    """Names of the parameters of `model` that differ from the base model's."""
+    from polyalign.stages.core.loading import load_causal_lm
+
+    base = load_causal_lm(_base_path(pipe), dtype="float32")
+    before = dict(base.named_parameters())
+    return {n for n, p in model.named_parameters() if not bool((p.detach() == before[n].detach()).all())}
+
+
+def _base_path(pipe) -> str:
+    from polyalign.stages.core.runner import stage_inputs
+
+    return stage_inputs(pipe, "sft").model(pipe.nodes["sft"].config.model)
+
+
+def _ids():
+    import torch
+
+    return torch.tensor([[1, 17, 42, 99, 7, 230, 12, 5]])
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
+def test_adapter_method_trains_only_its_modules_and_reloads(upstream, method):
+    import torch
+    from peft import PeftModel
+
+    from polyalign.stages.core.loading import load_causal_lm
+
+    pipe, art = _sft(upstream, [f"sft.lora.method={method}"])
+    assert art.metrics["method"] == method and art.metrics["global_step"] == 3
+    folder = art.file("model")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = _weights(folder)
+    assert weights and all(any(k in name for k in SAVED[method]) for name in weights), sorted(weights)[:4]
+    if method == "pissa":  # saved as a plain LoRA of twice the rank, for the unchanged base
+        assert config["init_lora_weights"] is True and config["r"] == 8
+    if method == "rslora":
+        assert config["use_rslora"] is True
+
+    base_path = _base_path(pipe)
+    merged = load_causal_lm(base_path, [str(folder)], dtype="float32")
+    changed = _changed(pipe, merged)
+    # every linear module of every decoder layer, and nothing else (embeddings, norms, head)
+    assert {n.split(".")[-2] for n in changed} == LAYER_LINEAR, sorted(changed)
+    assert all(n.endswith(".weight") and ".layers." in n for n in changed)
+
+    unmerged = PeftModel.from_pretrained(load_causal_lm(base_path, dtype="float32"), str(folder)).eval()
+    with torch.no_grad():
+        a, b = merged(_ids()).logits, unmerged(_ids()).logits
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+
+
+def test_placement_preset_puts_adapters_on_the_mlp_only(upstream):
+    pipe, art = _sft(upstream, ["sft.lora.placement=mlp"])
+    from polyalign.stages.core.loading import load_causal_lm
+
+    merged = load_causal_lm(_base_path(pipe), [str(art.file("model"))], dtype="float32")
+    assert {n.split(".")[-2] for n in _changed(pipe, merged)} == {"gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_methods_train_virtual_tokens_only_and_reload(upstream, method):
+    import torch
+    from peft import PeftModel
+
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.loading import load_causal_lm
+
+    init = "Answer in the language of the question"
+    sets = [f"sft.lora.method={method}", "sft.lora.num_virtual_tokens=6"]
+    if method == "prompt_tuning":
+        sets.append(f"sft.lora.init_text={init}")
+    pipe, art = _sft(upstream, sets)
+    folder = art.file("model")
+    weights = _weights(folder)
+    assert list(weights) == ["prompt_embeddings"], list(weights)  # no weight of the model itself
+    base_path = _base_path(pipe)
+    base = load_causal_lm(base_path, dtype="float32")
+    table = weights["prompt_embeddings"]
+    if method == "prompt_tuning":
+        # started from the embeddings of the text's tokens (repeated to 6), then trained a little
+        from polyalign.stages.core.loading import load_tokenizer
+
+        ids = load_tokenizer(base_path)(init, add_special_tokens=False)["input_ids"]
+        start = base.get_input_embeddings().weight[torch.tensor((ids * 6)[:6])].detach()
+        assert table.shape == start.shape
+        gap = float((table - start).abs().max())
+        assert 0 < gap <= 3 * 5e-3 * 1.01, gap  # trained: Adam moves a coordinate about lr per step at most
+        other = base.get_input_embeddings().weight[torch.arange(50, 56)].detach()
+        assert (table - start).abs().mean() < 0.5 * (table - other).abs().mean()
+    else:
+        assert table.shape[0] == 6  # keys and values of 6 positions in every layer, flattened
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            plain = model(input_ids=_ids()).logits
+        tuned = model(input_ids=_ids()).logits
+    assert not torch.allclose(plain[:, -1], tuned[:, -1])
+    with pytest.raises(UserError, match="virtual tokens, which cannot be merged"):
+        load_causal_lm(base_path, [str(folder)], dtype="float32")
+
+
+def test_full_fine_tuning_changes_every_weight(upstream):
+    from polyalign.stages.core.loading import load_causal_lm
+
+    pipe, art = _sft(upstream, ["sft.lora.method=full"])
+    model = load_causal_lm(str(art.file("model")), dtype="float32")
+    changed = _changed(pipe, model)
+    assert changed == {n for n, _ in model.named_parameters()}
+
+
+def test_lisa_changes_exactly_the_layers_of_its_log(upstream):
+    from polyalign.stages.core.loading import load_causal_lm
+
+    sets = [*DEEP, "sft.lora.method=lisa", "sft.lora.lisa_layers=2",
+            "sft.lora.lisa_interval=2", "sft.train.max_steps=4", "sft.train.weight_decay=0.0"]
+    pipe, art = _sft(upstream, sets)
+    history = art.read_json("lisa_layers.json")
+    assert [h["step"] for h in history] == [0, 2] and all(len(h["layers"]) == 2 for h in history)
+    drawn = {i for h in history for i in h["layers"]}
+    model = load_causal_lm(str(art.file("model")), dtype="float32")
+    changed = _changed(pipe, model)
+    layers_changed = {int(n.split(".layers.")[1].split(".")[0]) for n in changed if ".layers." in n}
+    assert layers_changed == drawn
+    assert {n for n in changed if ".layers." not in n} == {n for n, _ in model.named_parameters() if ".layers." not in n}
+    # the optimizer held moments for the drawn layers only: trainable at the end = outside + 2 layers
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    outside = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)
+    assert art.metrics["trainable_params"] == outside + 2 * per_layer
+
+
+def test_lisa_killed_and_resumed_draws_the_layers_of_an_uninterrupted_run(upstream, tmp_path):
+    sets = [*DEEP, "sft.lora.method=lisa", "sft.lora.lisa_layers=2",
+            "sft.lora.lisa_interval=3", "sft.train.max_steps=30", "sft.save_steps=3", "sft.logging_steps=3"]
+    flags = [x for s in sets for x in ("--set", s)]
+    store, ref = str(tmp_path / "store"), str(tmp_path / "ref")
+    shutil.copytree(upstream, store)
+    shutil.copytree(upstream, ref)
+    pipe = load_pipeline(TINY, sets, store=store)
+    fp = pipe.fingerprints()["sft"]
+    ckpts = pipe.store.partial_dir("sft", fp) / "checkpoints"
+
+    def newest() -> int:
+        done = [int(d.name.split("-")[1]) for d in ckpts.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+        return max(done, default=0)
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.Popen([sys.executable, "-m", "polyalign", "stage", "sft", str(TINY), "--store", store, *flags],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while newest() < 9:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint 9 in time"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert pipe.store.state("sft", fp) == "partial"
+    killed_at = newest()
+    assert killed_at < 30
+
+    rerun = cli("stage", "sft", str(TINY), "--store", store, *flags, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    art = pipe.store.open("sft", fp)
+    assert art.metrics["resumed_from_step"] == killed_at
+    whole = cli("stage", "sft", str(TINY), "--store", ref, *flags, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    expected = load_pipeline(TINY, sets, store=ref).store.open("sft", fp).read_json("lisa_layers.json")
+    assert [h["step"] for h in expected] == list(range(0, 30, 3))
+    assert art.read_json("lisa_layers.json") == expected
+    # draws after the resume come from the restored RNG: not a restart of the sequence
+    assert len({tuple(h["layers"]) for h in expected}) > 1
+
+
+def test_languages_resampled_by_temperature_and_weights(upstream):
+    _, art = _sft(upstream, ["sft.languages=[fr]", "sft.mix_weights={en: 3, fr: 1}", "sft.train.max_steps=1"])
+    counts = art.metrics["examples_per_language"]
+    available = art.metrics["mixing"]["available_per_language"]
+    assert sum(counts.values()) == sum(available.values())
+    assert counts["en"] == 3 * counts["fr"] or abs(counts["en"] - 3 * counts["fr"]) <= 3
+    card = art.file("README.md").read_text()
+    assert "examples trained on" in card and f"| en | {available['en']} | {counts['en']} |" in card
+
+
+def test_mix_counts_move_from_proportional_to_uniform():
+    from polyalign.stages.sft import mix_counts
+
+    counts = {"en": 600, "fr": 300, "vi": 100}
+    assert mix_counts(counts, None, 1.0) == counts
+    flat = mix_counts(counts, None, 1e6)
+    assert sum(flat.values()) == 1000 and max(flat.values()) - min(flat.values()) <= 1
+    mid = mix_counts(counts, None, 2.0)
+    assert counts["vi"] < mid["vi"] < flat["vi"] and sum(mid.values()) == 1000
+    assert mix_counts(counts, {"en": 0, "fr": 1, "vi": 1}, 1.0) == {"en": 0, "fr": 500, "vi": 500}
+
+
+def test_method_errors_are_one_line(upstream, monkeypatch):
+    from polyalign.stages.core import adapters
+    from polyalign.stages.core.errors import UserError
+
+    proc = cli("validate", str(TINY), "--set", "sft.lora.init_text=hello")
+    assert proc.returncode == 2 and "sft.lora" in proc.stderr and "init_text" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = cli("validate", str(TINY), "--set", "sft.lora.method=lisa", "--set", "sft.lora.placement=mlp")
+    assert proc.returncode == 2 and "placement" in proc.stderr
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UserError, match="qlora needs bitsandbytes, which is not installed"):
+        adapters.quantization_config()
