@@ -198,6 +198,58 @@ def run(
 
 
 @app.command()
+def sweep(
+    config: ConfigArg,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="FIELD=VALUE or FIELD=A,B,C (swept: every combination of the listed values is a variant).")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Run each variant up to this stage (default: all).")] = None,
+    store: StoreOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Folder of the table, JSON and plot.")] = None,
+    train_stage: Annotated[str, typer.Option("--train-stage", help="The stage whose training and inference cost the table reports.")] = "sft",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens generated per prompt to time inference.")] = 32,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Stage or fan-out tasks run at once.")] = 2,
+) -> None:
+    """Run the pipeline once per variant in one Prefect flow (shared upstream artifacts are
+    reused through the store) and compare the variants in one table."""
+    from polyalign.stages.core import sweep as sweep_core
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.fingerprint import fingerprint
+
+    try:
+        variants = sweep_core.variants(list(set_ or []))
+    except UserError as exc:
+        _fail(str(exc))
+    swept = [s.split("=", 1)[0].strip() for s in set_ or [] if len(sweep_core.split_values(s.split("=", 1)[1])) > 1]
+    pipes = [_load(config, v, store) for v in variants]
+    if until is not None and until not in pipes[0].nodes:
+        _fail(f"--until: unknown stage {until!r} (stages: {', '.join(pipes[0].order)})")
+    if train_stage not in pipes[0].nodes:
+        _fail(f"--train-stage: unknown stage {train_stage!r} (stages: {', '.join(pipes[0].order)})")
+    for pipe in pipes:
+        _check_before_running(pipe, pipe.until(until))
+    labels = [sweep_core.label(v, swept) for v in variants]
+    folder = out or str(Path(".polyalign") / "sweeps" / f"{pipes[0].name}-{fingerprint(variants)[:8]}")
+    typer.echo(f"sweep of {len(variants)} variants: {'; '.join(labels)}")
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from polyalign.flows.sweep import sweep_flow
+
+    state = sweep_flow(config, variants, labels, until, store, concurrency, folder, train_stage, new_tokens,
+                       return_state=True)
+    if not state.is_completed():
+        from polyalign.flows.pipeline import USER_ERROR
+
+        if (state.message or "").startswith(USER_ERROR):
+            _fail(state.message.removeprefix(USER_ERROR))
+        typer.echo(f"sweep failed: {state.message}", err=True)
+        raise typer.Exit(1)
+    paths = state.result()
+    typer.echo("\n" + Path(paths["markdown"]).read_text())
+    typer.echo(f"table: {paths['markdown']}, {paths['json']}; plot: {paths['plot']}")
+
+
+@app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="Stage name in the pipeline config.")],
     config: ConfigArg,

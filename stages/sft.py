@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -43,6 +44,11 @@ class Config(StageConfig):
         description="Resample languages by these weights instead (language -> weight, every trained language named).",
     )
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
+    padding_free: bool = runtime_field(
+        True,
+        "Run each batch as one sequence without padding, its examples kept apart by their positions (TRL's "
+        "padding-free collator); the stage checks the model does keep them apart and pads otherwise.",
+    )
     save_steps: int = runtime_field(50, "Write a resumable checkpoint every this many steps.", gt=0)
     logging_steps: int = runtime_field(10, "Log the loss every this many steps.", gt=0)
 
@@ -66,6 +72,15 @@ def _train_rows(path: str) -> Iterator[dict]:
     for _, r in iter_jsonl(Path(path)):
         if r.get("split", "train") == "train":
             yield r
+
+
+def training_files(cfg: Config, art: Any) -> list[str]:
+    """The data files (relative to the translate artifact) of the languages trained on."""
+    langs = set(cfg.languages) | ({"en"} if cfg.include_english else set())
+    return [
+        rel for rel in art.listed("data/*/*.jsonl")
+        if (not cfg.languages or rel.split("/")[1] in langs) and (cfg.include_english or rel.split("/")[1] != "en")
+    ]
 
 
 def mix_counts(counts: dict[str, int], weights: dict[str, float] | None, temperature: float) -> dict[str, int]:
@@ -114,17 +129,13 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
 
     from polyalign.stages.core import adapters
     from polyalign.stages.core.errors import UserError
-    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer, torch_dtype
+    from polyalign.stages.core.loading import LOADING, load_causal_lm, load_tokenizer, torch_dtype
     from polyalign.stages.core.training import train_resumable, trainer_kwargs
 
     # only the files of the languages trained on are opened; records are streamed from them
     # into an Arrow table on disk (bounded memory), in the order of the files
-    langs = set(cfg.languages) | ({"en"} if cfg.include_english else set())
     art = inputs["data"]
-    files = [
-        rel for rel in art.listed("data/*/*.jsonl")
-        if (not cfg.languages or rel.split("/")[1] in langs) and (cfg.include_english or rel.split("/")[1] != "en")
-    ]
+    files = training_files(cfg, art)
     paths = [str(art.file(rel)) for rel in files]  # each checked against its digest
     per_file = [sum(1 for _ in _train_rows(p)) for p in paths]
     per_lang: dict[str, int] = {}
@@ -162,9 +173,10 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=adapters.quantization_config(), dtype=torch_dtype(inputs.model_dtype(cfg.model))
-        )
+        with LOADING:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=adapters.quantization_config(), dtype=torch_dtype(inputs.model_dtype(cfg.model))
+            )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = load_causal_lm(path, dtype=inputs.model_dtype(cfg.model))
@@ -181,6 +193,13 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         ddp_find_unused_parameters=method == "lisa" or None,  # LISA's frozen layers have no gradient
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_cfg)
+    padding_free = cfg.padding_free and method not in adapters.PROMPT_METHODS and keeps_sequences_apart(trainer.model)
+    if padding_free:  # the dataset is already tokenized and truncated; only the batching changes
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+    elif cfg.padding_free and method not in adapters.PROMPT_METHODS:
+        print(f"[sft] {type(model).__name__} mixes packed sequences: batches are padded", flush=True)
     lisa = None
     if method == "lisa":
         from polyalign.stages.core.lisa import lisa_callback
@@ -209,7 +228,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     if lisa is not None:
         out.write_json("lisa_layers.json", lisa.history)
         stats["lisa_draws"] = len(lisa.history)
-    out.metrics.update(stats, method=method, examples=n_rows, examples_per_language=effective)
+    out.metrics.update(stats, method=method, padding_free=padding_free, examples=n_rows, examples_per_language=effective)
     if picks is not None:
         probs = {k: round(v / n_rows, 4) for k, v in effective.items()}
         out.metrics["mixing"] = {"temperature": cfg.mix_temperature, "weights": cfg.mix_weights or None,
@@ -220,6 +239,29 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         f"{stats['global_step']} steps, loss {stats['first_logged_loss']} -> {stats['last_logged_loss']}, "
         f"{stats['trainable_params']:,} trainable parameters."
     )
+
+
+def keeps_sequences_apart(model: Any) -> bool:
+    """True when `model` run on two sequences packed into one (positions restarting at the
+    second) computes what it computes on each alone: transformers builds a block mask from
+    the positions for most architectures, not for all (BLOOM's ALiBi, say)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            gen = torch.Generator().manual_seed(0)
+            vocab = model.get_input_embeddings().weight.shape[0]
+            a, b = (torch.randint(10, min(vocab, 1000), (1, n), generator=gen).to(device) for n in (5, 7))
+            alone = [model(input_ids=x).logits for x in (a, b)]
+            positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+            packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=positions).logits
+            apart = torch.cat(alone, dim=1)
+            return bool(torch.allclose(packed.float(), apart.float(), atol=1e-3 * float(apart.abs().max()) + 1e-4))
+    finally:
+        model.train(was_training)
 
 
 def _card(cfg: Config, available: dict[str, int], effective: dict[str, int]) -> str:

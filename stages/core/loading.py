@@ -30,6 +30,12 @@ from typing import Any
 
 from polyalign.stages.core.model_specs import DEFAULT_CHAT_TEMPLATE
 
+# Loading a model is not thread-safe: transformers builds it on the meta device by patching
+# module construction for the whole process, so two loads in two threads (an evaluation unit
+# and preferences, say) can leave parameters on the meta device for good. Every load in the
+# process takes this lock (re-entrant: loaders call loaders).
+LOADING = threading.RLock()
+
 
 def device() -> str:
     """cuda (this process's GPU under a multi-process launcher: LOCAL_RANK), else cpu."""
@@ -109,6 +115,11 @@ def load_causal_lm(
 ) -> Any:
     """Load a causal LM (or, with `num_labels`, a sequence classifier on the same backbone)
     and merge the given PEFT adapters into it, in order."""
+    with LOADING:
+        return _load_causal_lm(path, adapters, dtype, num_labels)
+
+
+def _load_causal_lm(path: str, adapters: Sequence[str] | None, dtype: str, num_labels: int | None) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if num_labels is None:
@@ -146,8 +157,9 @@ def load_reward_model(path: str, adapters: Sequence[str], dtype: str = "auto") -
 
     if not is_adapter(adapters[-1]):
         return load_causal_lm(path, adapters, dtype, num_labels=1)
-    model = load_causal_lm(path, adapters[:-1], dtype, num_labels=1)
-    model = PeftModel.from_pretrained(model, adapters[-1]).merge_and_unload()
+    with LOADING:
+        model = load_causal_lm(path, adapters[:-1], dtype, num_labels=1)
+        model = PeftModel.from_pretrained(model, adapters[-1]).merge_and_unload()
     model.to(device())
     model.eval()
     return model
@@ -182,10 +194,11 @@ class _Resident:
         if folder in self.names:
             return self.names[folder]
         name = f"adapter{len(self.names)}"
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name)
-        else:
-            self.peft.load_adapter(folder, adapter_name=name)
+        with LOADING:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name)
+            else:
+                self.peft.load_adapter(folder, adapter_name=name)
         self.names[folder] = name
         self.peft.eval()
         return name

@@ -59,11 +59,14 @@ def stage_inputs(pipeline: Pipeline, stage: str) -> Inputs:
 
 
 class PeakRSS:
-    """Samples this process's resident memory in a thread; `.peak` in bytes."""
+    """Samples this process's resident memory in a thread; `.peak` in bytes, `.start` the
+    resident memory when it began (what the process held before: models cached by earlier
+    stages of the same process, say)."""
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.peak = 0
+        self.start = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -77,7 +80,7 @@ class PeakRSS:
                 self.peak = max(self.peak, proc.memory_info().rss)
                 self._stop.wait(self.interval)
 
-        self.peak = proc.memory_info().rss
+        self.peak = self.start = proc.memory_info().rss
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
         return self
@@ -221,6 +224,8 @@ def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
     # wall time of the work: the finish step plus every unit (units may have run concurrently)
     m["wall_seconds"] = round(wall + sum(u.get("wall_seconds", 0) for u in unit_stats), 3)
     m["peak_rss_bytes"] = max([mem.peak] + [u.get("peak_rss_bytes", 0) for u in unit_stats])
+    if not unit_stats:  # what the stage itself added to the process (fan-out stages: see their units)
+        m["rss_start_bytes"] = mem.start
     m["tokens"] = int(m.get("tokens", 0))  # each stage counts its own, units included
     _cuda_peak(writer)
     if node.type in TRAINING:

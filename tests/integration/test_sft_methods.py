@@ -270,3 +270,34 @@ def test_method_errors_are_one_line(upstream, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(UserError, match="qlora needs bitsandbytes, which is not installed"):
         adapters.quantization_config()
+
+
+def test_inference_cache_chains_a_non_lora_adapter_with_a_lora_one(upstream, tmp_path):
+    """evaluate's shared model: an IA3 SFT adapter (merged into a model of its own) under a
+    LoRA adapter computes what merging both into a fresh copy computes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from polyalign.stages.core.loading import load_causal_lm, release_models, use_lm
+
+    pipe, art = _sft(upstream, ["sft.lora.method=ia3"])
+    base_path, ia3 = _base_path(pipe), str(art.file("model"))
+    torch.manual_seed(0)
+    lora = get_peft_model(load_causal_lm(base_path, [ia3], dtype="float32"),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(str(tmp_path / "lora"))
+    chains = {"base": [], "sft": [ia3], "aligned": [ia3, str(tmp_path / "lora")]}
+    try:
+        seen = {}
+        for name, chain in [*chains.items(), ("sft again", [ia3])]:
+            with use_lm(base_path, chain, "float32") as (model, _):
+                with torch.no_grad():
+                    seen[name] = model(_ids()).logits
+        for name, chain in chains.items():
+            with torch.no_grad():
+                fresh = load_causal_lm(base_path, chain, dtype="float32")(_ids()).logits
+            assert torch.allclose(seen[name], fresh, atol=1e-5), name
+        assert torch.equal(seen["sft"], seen["sft again"])
+        assert not torch.allclose(seen["sft"], seen["aligned"]) and not torch.allclose(seen["base"], seen["sft"])
+    finally:
+        release_models()

@@ -122,3 +122,33 @@ def test_each_thread_has_its_own_tokenizer(base_and_adapters):
     t.start()
     t.join()
     assert other[0] is not mine
+
+
+def test_models_loaded_from_two_threads_at_once_are_whole(tmp_path):
+    """transformers builds models on the meta device by patching the whole process: two loads
+    in two threads (an evaluation unit and preferences) must not leave meta parameters."""
+    import threading
+
+    from polyalign.stages.core.loading import load_causal_lm
+    from polyalign.stages.core.model_specs import TinySpec
+    from polyalign.stages.core.prepare import build_tiny
+
+    folders = [tmp_path / f"m{s}" for s in (11, 12)]
+    for seed, folder in zip((11, 12), folders):
+        build_tiny(TinySpec(seed=seed, num_layers=4), folder)
+    broken: list[str] = []
+
+    def load(folder) -> None:
+        for _ in range(4):
+            try:
+                model = load_causal_lm(str(folder), dtype="float32")
+                broken.extend(n for n, p in model.named_parameters() if p.is_meta)
+            except Exception as exc:  # noqa: BLE001
+                broken.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=load, args=(f,)) for f in folders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not broken, broken[:3]

@@ -114,7 +114,7 @@ _lock = threading.Lock()
 
 def load_seq2seq(path: str, dtype: str) -> Any:
     """A sequence-to-sequence model, loaded once per process and shared by every thread."""
-    from polyalign.stages.core.loading import device, torch_dtype
+    from polyalign.stages.core.loading import LOADING, device, torch_dtype
 
     key = (path, dtype)
     with _lock:
@@ -122,7 +122,8 @@ def load_seq2seq(path: str, dtype: str) -> Any:
             from transformers import AutoModelForSeq2SeqLM
 
             try:
-                model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch_dtype(dtype))
+                with LOADING:  # see core.loading: loads are not thread-safe
+                    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch_dtype(dtype))
             except ValueError as exc:  # a causal LM, say
                 raise GenerationError(f"backend mt: {path} is not a sequence-to-sequence model ({str(exc).splitlines()[0][:160]})") from None
             model.to(device())
