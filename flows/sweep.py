@@ -45,7 +45,10 @@ def report_task(config: str, runs: list[dict[str, Any]], store: str | None, out:
         if model_name is None:  # a training stage always names the model it trains
             continue
         base, dtype = inputs.model(model_name), inputs.model_dtype(model_name)
-        folder = str(pipe.store.open(train_stage, fp).file("model"))
+        art = pipe.store.open(train_stage, fp)
+        plugins = list(art.metrics.get("plugins") or [])
+        # per-language plugins: one of them is timed (they have the same shape)
+        folder = str(art.file(f"model/{plugins[0]}" if plugins else "model"))
         print(f"[sweep] inference speed of {r['label']}", flush=True)
         speeds = sweep.inference_speed(base, folder, dtype, new_tokens)
         # the base model alone is the same for every variant on one base: measured once

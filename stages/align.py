@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from polyalign.stages.core.adapters import sft_model
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
@@ -126,7 +127,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     cache = out.path(f"dataset_cache/rank{rank()}")  # work space, removed before commit
     path = inputs.model(cfg.model)
     tok = load_tokenizer(path, padding_side="left" if cfg.method in ONLINE else "right")
-    model = load_causal_lm(path, [str(inputs["policy"].file("model"))], inputs.model_dtype(cfg.model))
+    model = load_causal_lm(path, [sft_model(inputs["policy"], stage="align")], inputs.model_dtype(cfg.model))
     model.train()
     ckpt_dir = out.path("checkpoints")
     common = dict(model=model, processing_class=tok, peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
@@ -180,7 +181,7 @@ def _reward_function(cfg: Config, inputs: Inputs, path: str) -> Any:
     from polyalign.stages.core.loading import cached_reward_model, load_tokenizer
     from polyalign.stages.core.reward import score
 
-    sft = str(inputs["policy"].file("model"))
+    sft = sft_model(inputs["policy"], stage="align")
     rm = cached_reward_model(path, [sft, str(inputs["reward_model"].file("model"))], inputs.model_dtype(cfg.model))
     rm_tok = load_tokenizer(path, padding_side="right")
 
@@ -238,7 +239,7 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
         prompts = list(dict.fromkeys(p["prompt"] for p in inputs["pairs"].iter_records("data/*/*.jsonl")))
     path = inputs.model(cfg.model)
     dtype = inputs.model_dtype(cfg.model)
-    sft = str(inputs["policy"].file("model"))
+    sft = sft_model(inputs["policy"], stage="align")
     tok = load_tokenizer(path)
     lora = peft_config(cfg.lora, "CAUSAL_LM")
     if lora is None and (not cfg.ppo.num_layers_unfrozen or cfg.ppo.critic == "separate"):

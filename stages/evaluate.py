@@ -245,11 +245,18 @@ def units(cfg: Config) -> list[str]:
     return list(cfg.languages)
 
 
-def _variants(cfg: Config, inputs: Inputs) -> dict[str, list[str]]:
+def _variants(cfg: Config, inputs: Inputs, lang: str | None = None) -> dict[str, list[str]]:
+    """Model name -> adapter chain on the base model. With per-language SFT plugins, the SFT
+    model of `lang` is its plugin (None: only the names are wanted)."""
+    from polyalign.stages.core.adapters import sft_model
+
     variants: dict[str, list[str]] = {"base": []} if cfg.include_base else {}
     sft = inputs.get("sft")
     if sft is not None:
-        variants["sft"] = [str(sft.file("model"))]
+        if lang is None and sft.metrics.get("plugins"):
+            variants["sft"] = []  # the names only (finish): each language has its own plugin
+        else:
+            variants["sft"] = [sft_model(sft, lang, stage="evaluate")]
     aligned = inputs.get("aligned")
     if aligned is not None:
         variants["aligned"] = variants.get("sft", []) + [str(aligned.file("model"))]
@@ -361,7 +368,7 @@ def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> Non
     dtype = inputs.model_dtype(cfg.model)
     from polyalign.stages.core.progress import report
 
-    variants = _variants(cfg, inputs)
+    variants = _variants(cfg, inputs, lang)
     result: dict[str, Any] = {"lang": lang, "benchmarks": {}, "tokens": 0}
     parts = len(cfg.benchmarks) * len(variants) + (cfg.translation is not None) + (cfg.responses is not None)
     done = 0
@@ -472,7 +479,7 @@ def _responses_unit(
     rm_art = inputs.get("reward_model")
     if rm_art is not None:
         path, dtype = inputs.model(cfg.model), inputs.model_dtype(cfg.model)
-        rm = cached_reward_model(path, [str(inputs["sft"].file("model")), str(rm_art.file("model"))], dtype)
+        rm = cached_reward_model(path, [variants["sft"][0], str(rm_art.file("model"))], dtype)
         tok = thread_tokenizer(path)
         for variant, texts in answers.items():
             rewards = score(rm, tok, [conversation(p["prompt"], a) for p, a in zip(prompts, texts)], cfg.batch_size)

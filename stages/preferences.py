@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from polyalign.stages.core.adapters import sft_model
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field
 from polyalign.stages.core.languages import LANGUAGE_NAMES, check_languages
@@ -100,7 +101,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     by_lang = _heldout_prompts(cfg, inputs)
     langs = list(by_lang)
 
-    adapter = str(inputs["policy"].file("model"))
+    adapter = sft_model(inputs["policy"], stage="preferences")
     method = judge_method(cfg, inputs)
     total = sum(len(v) for v in by_lang.values())
     bar = progress_bar(total=total, desc="preferences", unit="prompt")

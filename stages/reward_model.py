@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
+from polyalign.stages.core.adapters import sft_model
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
@@ -88,7 +89,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
             f"eval_fraction {cfg.eval_fraction})"
         )
     data = streamed_dataset([str(work / "train.jsonl")], "reward", work / "dataset_cache")
-    sft_adapter = str(inputs["policy"].file("model"))
+    sft_adapter = sft_model(inputs["policy"], stage="reward_model")
     model = load_causal_lm(path, [sft_adapter], inputs.model_dtype(cfg.model), num_labels=1)
     peft = peft_config(cfg.lora, "SEQ_CLS")
     if cfg.trainable_layers:

@@ -5,27 +5,30 @@ TRL's SFTTrainer with chat-formatted prompt/completion pairs and loss on the com
 prefix tuning, QLoRA, full fine-tuning, LISA from `core.lisa`). Languages are mixed as they
 come, or resampled by per-language weights or a temperature (`mix_*`). Trainer checkpoints
 live in the partial folder; a rerun resumes from the newest one. The artifact is the adapter
-(`model/`, loaded on top of the base model) or, for full and LISA, the whole model.
+(`model/`, loaded on top of the base model) or, for full and LISA, the whole model. With
+`per_language`, the stage fans out: one unit per language trains that language's plugin
+(`model/<lang>/`), and `finish` reports their bytes against one merged model.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from polyalign.stages.core.adapters import SftPeftSettings
+from polyalign.stages.core.adapters import FULL_METHODS, SftPeftSettings
 from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.languages import check_languages
 from polyalign.stages.core.training import TrainSettings
 
 VERSION = "2"
-OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
+OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json|model/*/adapter_config.json")  # in every artifact of this stage
 INPUTS = {"data": "instruction records in every language (translate)"}
 
 
@@ -42,6 +45,12 @@ class Config(StageConfig):
     mix_weights: dict[str, float] = Field(
         default_factory=dict,
         description="Resample languages by these weights instead (language -> weight, every trained language named).",
+    )
+    per_language: bool = Field(
+        False,
+        description="Train one adapter per language (a plugin on the shared base; the languages in `languages`, "
+        "plus en with include_english), each on its own records, as fan-out units; evaluate routes each "
+        "language to its plugin.",
     )
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation settings.")
     padding_free: bool = runtime_field(
@@ -63,6 +72,13 @@ class Config(StageConfig):
             raise ValueError(f"mix_weights.{bad[0]}: a weight is a finite number >= 0")
         if self.mix_weights and not any(self.mix_weights.values()):
             raise ValueError("mix_weights: at least one weight must be above 0")
+        if self.per_language:
+            if not self.languages:
+                raise ValueError("per_language: name the languages that get a plugin in sft.languages")
+            if self.lora.method in FULL_METHODS:
+                raise ValueError(f"per_language: a plugin is an adapter; {self.lora.method} trains a whole model")
+            if self.mix_weights or self.mix_temperature != 1.0:
+                raise ValueError("per_language: each plugin trains on one language; there is no mix to set")
         return self
 
 
@@ -121,7 +137,84 @@ def _examples(paths: list[str], picks: list[list[int]] | None = None) -> Iterato
             }
 
 
-def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
+def units(cfg: Config) -> list[str]:
+    """One unit per language plugin (none: one model for every language, trained in finish)."""
+    if not cfg.per_language:
+        return []
+    return list(dict.fromkeys(cfg.languages + (["en"] if cfg.include_english else [])))
+
+
+_ONE_AT_A_TIME = threading.Lock()  # unit tasks run on threads: plugins train one after another
+
+
+def run_unit(cfg: Config, inputs: Inputs, out: ArtifactWriter, lang: str) -> None:
+    files = [rel for rel in training_files(cfg, inputs["data"]) if rel.split("/")[1] == lang]
+    with _ONE_AT_A_TIME:
+        result = _train(cfg, inputs, out, files, work=f"units/{lang}/", model_dir=f"model/{lang}", save_tokenizer=False)
+    out.write_json(f"units/{lang}/result.json", result)
+
+
+def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
+    if cfg.per_language:
+        _finish_plugins(cfg, inputs, out)
+        return
+    result = _train(cfg, inputs, out, training_files(cfg, inputs["data"]), work="", model_dir="model", save_tokenizer=True)
+    effective, available = result.pop("examples_per_language"), result.pop("available_per_language")
+    out.metrics.update(result, examples_per_language=effective)
+    if result.get("mixing"):
+        out.metrics["mixing"]["available_per_language"] = available
+    out.card = _card(cfg, available, effective)
+    out.summary = (
+        f"SFT ({result['method']}) on {result['examples']} examples in {len(effective)} languages: "
+        f"{result['global_step']} steps, loss {result['first_logged_loss']} -> {result['last_logged_loss']}, "
+        f"{result['trainable_params']:,} trainable parameters."
+    )
+
+
+def _finish_plugins(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
+    """Metrics of every plugin, their bytes against one merged model, the shared tokenizer."""
+    from polyalign.stages.core.loading import load_tokenizer
+
+    langs = units(cfg)
+    per = {lang: out.read_json(f"units/{lang}/result.json") for lang in langs}
+    load_tokenizer(inputs.model(cfg.model), padding_side="right").save_pretrained(str(out.path("model")))
+    sizes = {lang: sum(f.stat().st_size for f in out.path(f"model/{lang}").rglob("*") if f.is_file()) for lang in langs}
+    first = per[langs[0]]
+    base_params = first["total_params"] - first["trainable_params"]
+    element = 2 if "16" in inputs.model_dtype(cfg.model) or (inputs.model_dtype(cfg.model) == "auto" and _cuda()) else 4
+    merged = base_params * element  # one model with a plugin merged in: the base's weights
+    keep = ("global_step", "first_logged_loss", "last_logged_loss", "trainable_params", "tokens", "examples", "padding_free")
+    out.metrics.update(
+        method=cfg.lora.method,
+        plugins={lang: {**{k: per[lang].get(k) for k in keep}, "bytes": sizes[lang]} for lang in langs},
+        examples=sum(per[lang]["examples"] for lang in langs),
+        examples_per_language={lang: per[lang]["examples"] for lang in langs},
+        trainable_params=sum(per[lang]["trainable_params"] for lang in langs),
+        total_params=base_params + sum(per[lang]["trainable_params"] for lang in langs),
+        global_step=sum(per[lang]["global_step"] for lang in langs),
+        tokens=sum(int(per[lang].get("tokens", 0)) for lang in langs),
+        plugin_bytes_total=sum(sizes.values()),
+        merged_model_bytes=merged,
+        merged_models_bytes_total=merged * len(langs),
+    )
+    human = ", ".join(f"{lang} {sizes[lang] / 2**20:.1f} MiB" for lang in langs)
+    out.summary = (
+        f"SFT ({cfg.lora.method}) plugins for {len(langs)} languages on one base: {human}; all together "
+        f"{sum(sizes.values()) / 2**20:.1f} MiB against {merged / 2**20:.1f} MiB for one merged model "
+        f"({merged * len(langs) / 2**20:.1f} MiB for one per language)."
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train(cfg: Config, inputs: Inputs, out: ArtifactWriter, files: list[str], work: str, model_dir: str,
+           save_tokenizer: bool) -> dict[str, Any]:
+    """Fine-tune on the records of `files` (relative to the data artifact) into `model_dir`;
+    work folders under `work`. Returns the statistics."""
     import shutil
 
     from datasets import Dataset
@@ -135,7 +228,6 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     # only the files of the languages trained on are opened; records are streamed from them
     # into an Arrow table on disk (bounded memory), in the order of the files
     art = inputs["data"]
-    files = training_files(cfg, art)
     paths = [str(art.file(rel)) for rel in files]  # each checked against its digest
     per_file = [sum(1 for _ in _train_rows(p)) for p in paths]
     per_lang: dict[str, int] = {}
@@ -164,7 +256,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     n_rows = sum(effective.values())
     from polyalign.stages.core.distributed import rank, world_size
 
-    cache = out.path(f"dataset_cache/rank{rank()}")  # work space: removed before the artifact is committed
+    cache = out.path(f"{work}dataset_cache/rank{rank()}")  # work space: removed before the artifact is committed
     data = Dataset.from_generator(_examples, gen_kwargs={"paths": paths, "picks": picks}, cache_dir=str(cache))
     path = inputs.model(cfg.model)
     tok = load_tokenizer(path, padding_side="right")
@@ -185,7 +277,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         t.num_epochs * math.ceil(n_rows / (t.batch_size * t.gradient_accumulation_steps * world_size()))
     )
     peft_cfg = adapters.build_peft_config(cfg.lora, model, path, steps)
-    ckpt_dir = out.path("checkpoints")
+    ckpt_dir = out.path(f"{work}checkpoints")
     args = SFTConfig(
         **trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps),
         max_length=cfg.train.max_length,
@@ -208,7 +300,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         trainer.add_callback(lisa)
     elif method == "adalora":
         trainer.add_callback(adapters.adalora_callback())
-    pissa_init = out.path("pissa_init")  # work space: PiSSA's starting adapter, to save a plain LoRA
+    pissa_init = out.path(f"{work}pissa_init")  # work space: PiSSA's starting adapter, to save a plain LoRA
     if method == "pissa" and not (pissa_init / "adapter_config.json").exists():
         trainer.model.peft_config["default"].init_lora_weights = True  # reloading it must not run the SVD again
         trainer.model.save_pretrained(str(pissa_init), safe_serialization=True)
@@ -216,29 +308,26 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
 
     def save() -> None:
         extra = {"path_initial_model_for_weight_conversion": str(pissa_init)} if method == "pissa" else {}
-        trainer.model.save_pretrained(str(out.path("model")), safe_serialization=True, **extra)
-        tok.save_pretrained(str(out.path("model")))
+        trainer.model.save_pretrained(str(out.path(model_dir)), safe_serialization=True, **extra)
+        if save_tokenizer:
+            tok.save_pretrained(str(out.path(model_dir)))
 
     stats = train_resumable(trainer, ckpt_dir, save, tensorboard="tensorboard" in cfg.train.report_to)
     del trainer, data
     shutil.rmtree(cache.parent, ignore_errors=True)
     shutil.rmtree(pissa_init, ignore_errors=True)
     log_history = stats.pop("log_history")
-    out.write_json("train_log.json", log_history)
+    out.write_json(f"{work}train_log.json", log_history)
     if lisa is not None:
         out.write_json("lisa_layers.json", lisa.history)
         stats["lisa_draws"] = len(lisa.history)
-    out.metrics.update(stats, method=method, padding_free=padding_free, examples=n_rows, examples_per_language=effective)
+    stats.update(method=method, padding_free=padding_free, examples=n_rows, examples_per_language=effective,
+                 available_per_language=per_lang)
     if picks is not None:
         probs = {k: round(v / n_rows, 4) for k, v in effective.items()}
-        out.metrics["mixing"] = {"temperature": cfg.mix_temperature, "weights": cfg.mix_weights or None,
-                                 "available_per_language": per_lang, "sampling_probabilities": probs}
-    out.card = _card(cfg, per_lang, effective)
-    out.summary = (
-        f"SFT ({method}) on {n_rows} examples in {len(effective)} languages: "
-        f"{stats['global_step']} steps, loss {stats['first_logged_loss']} -> {stats['last_logged_loss']}, "
-        f"{stats['trainable_params']:,} trainable parameters."
-    )
+        stats["mixing"] = {"temperature": cfg.mix_temperature, "weights": cfg.mix_weights or None,
+                           "sampling_probabilities": probs}
+    return stats
 
 
 def keeps_sequences_apart(model: Any) -> bool:

@@ -209,3 +209,18 @@ def adalora_callback() -> Any:
             inner.base_model.update_and_allocate(state.global_step)
 
     return Allocate()
+
+
+def sft_model(art: Any, lang: str | None = None, stage: str = "this stage") -> str:
+    """The model folder of an sft artifact; with per-language plugins, the plugin of `lang`
+    (a stage that takes one SFT model for every language gets a one-line error)."""
+    plugins = art.metrics.get("plugins")
+    if not plugins:
+        return str(art.file("model"))
+    if lang is None:
+        raise UserError(f"sft has one plugin per language ({', '.join(plugins)}) and {stage} takes one SFT model; "
+                        "set sft.per_language: false for a pipeline that goes on past evaluate")
+    if lang not in plugins:
+        raise UserError(f"sft has no plugin for language {lang!r} (plugins: {', '.join(plugins)}); "
+                        "add it to sft.languages")
+    return str(art.file(f"model/{lang}"))

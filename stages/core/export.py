@@ -86,6 +86,9 @@ def export(pipe: Any, out: str, stage: str = "align", adapters: bool = False) ->
         raise UserError(f"{out}: already exists and is not empty; choose a new folder")
     chain = ["sft"] if stage == "sft" else ["sft", stage]
     arts = {name: _artifact(pipe, name) for name in chain}
+    from polyalign.stages.core.adapters import sft_model
+
+    sft_model(arts["sft"], stage="export")  # per-language plugins: a one-line error (no single model to export)
     model_name = pipe.nodes[stage].config.model
     spec = pipe.header.models[model_name]
     base_path = ensure_model(spec, pipe.models_root)

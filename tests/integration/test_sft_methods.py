@@ -301,3 +301,43 @@ def test_inference_cache_chains_a_non_lora_adapter_with_a_lora_one(upstream, tmp
         assert not torch.allclose(seen["sft"], seen["aligned"]) and not torch.allclose(seen["base"], seen["sft"])
     finally:
         release_models()
+
+
+def test_per_language_plugins_train_on_their_language_and_evaluate_routes_to_them(upstream):
+    from safetensors.torch import load_file
+
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.runner import run_stage
+
+    common = ["sft.include_english=false", "sft.train.max_steps=2", "evaluate.inputs={sft: sft}"]
+    plug = load_pipeline(TINY, [*common, "sft.per_language=true", "sft.languages=[fr, de]", "evaluate.languages=[fr, de]"],
+                         store=upstream)
+    art, _ = run_stage(plug, "sft")
+    m = art.metrics
+    assert set(m["plugins"]) == {"fr", "de"} and m["examples_per_language"] == {
+        lang: m["plugins"][lang]["examples"] for lang in ("fr", "de")}
+    assert m["plugin_bytes_total"] == sum(p["bytes"] for p in m["plugins"].values()) > 0
+    assert m["merged_model_bytes"] > m["plugin_bytes_total"] and m["merged_models_bytes_total"] == 2 * m["merged_model_bytes"]
+    assert "against" in art.manifest["summary"]
+    # the fr plugin is what SFT on the fr records alone trains
+    alone = load_pipeline(TINY, [*common, "sft.languages=[fr]", "evaluate.languages=[fr]"], store=upstream)
+    fr_only, _ = run_stage(alone, "sft")
+    a = load_file(str(art.file("model/fr") / "adapter_model.safetensors"))
+    b = load_file(str(fr_only.file("model") / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    # evaluate scores fr with the fr plugin: the same log-likelihoods as with that fr-only model
+    routed, _ = run_stage(plug, "evaluate")
+    direct, _ = run_stage(alone, "evaluate")
+    ours = {r["id"]: r["loglikelihoods"] for r in routed.records("predictions/mini_mc/fr/sft.jsonl")}
+    theirs = {r["id"]: r["loglikelihoods"] for r in direct.records("predictions/mini_mc/fr/sft.jsonl")}
+    base = {r["id"]: r["loglikelihoods"] for r in routed.records("predictions/mini_mc/fr/base.jsonl")}
+    assert ours.keys() == theirs.keys() and ours
+    assert all(abs(x - y) < 1e-4 for k in ours for x, y in zip(ours[k], theirs[k]))
+    assert any(abs(x - y) > 1e-4 for k in ours for x, y in zip(ours[k], base[k]))
+    # a stage that takes one SFT model for every language says so in one line
+    from polyalign.stages.core.adapters import sft_model
+
+    with pytest.raises(UserError, match="one plugin per language .* preferences takes one SFT model"):
+        sft_model(art, stage="preferences")
+    with pytest.raises(UserError, match="no plugin for language 'vi'"):
+        sft_model(art, "vi")
