@@ -73,6 +73,11 @@ def sweep_flow(config: str, variants: list[list[str]], labels: list[str], until:
                store: str | None = None, concurrency: int = 2, out: str = "sweep", train_stage: str = "sft",
                new_tokens: int = 32) -> Any:
     """Run `config` once per override list in `variants`, then write the comparison table."""
+    # the libraries a training stage imports, imported before the first variant: its wall time
+    # would otherwise include them and the others' not
+    import peft  # noqa: F401
+    import trl  # noqa: F401
+
     runs: list[dict[str, Any]] = []
     for overrides, name in zip(variants, labels):
         print(f"[sweep] variant {name}", flush=True)

@@ -45,3 +45,29 @@ def cli(*args: str, check: bool = False, timeout: float = 600, **kwargs) -> subp
     if check and proc.returncode != 0:
         raise AssertionError(f"polyalign {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_translated(tmp_path_factory, models_dir) -> Path:
+    """A store with the tiny config's self_instruct and translate done, built once per session.
+    Read-only: a test copies it (`copy_store`) before running anything into it."""
+    from polyalign.stages.core.pipeline import load_pipeline
+    from polyalign.stages.core.runner import run_stage
+
+    store = tmp_path_factory.mktemp("tiny-translated")
+    pipe = load_pipeline(TINY, store=str(store))
+    from polyalign.stages.core.loading import release_models
+
+    for stage in ("self_instruct", "translate"):
+        run_stage(pipe, stage)
+    release_models()
+    return store
+
+
+def copy_store(src: Path, dst: Path, stages: tuple[str, ...] = ("self_instruct", "translate")) -> str:
+    """A writable copy of the given stages' folders of store `src` at `dst`."""
+    import shutil
+
+    for stage in stages:
+        shutil.copytree(src / stage, dst / stage)
+    return str(dst)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from polyalign.stages.core.pipeline import load_pipeline
-from tests.conftest import ROOT, TINY, cli
+from tests.conftest import ROOT, TINY, cli, copy_store
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +28,9 @@ def _sets(*items: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
+def upstream(tiny_translated, tmp_path_factory):
     """A store with every stage up to reward_model done (shared by the tests)."""
-    store = str(tmp_path_factory.mktemp("ppo-store"))
+    store = copy_store(tiny_translated, tmp_path_factory.mktemp("ppo-store"))
     proc = cli("run", str(TINY), "--until", "reward_model", "--store", store)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return store

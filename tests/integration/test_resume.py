@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from polyalign.stages.core.pipeline import load_pipeline
-from tests.conftest import ROOT, TINY, cli
+from tests.conftest import ROOT, TINY, cli, copy_store
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +53,10 @@ def env(tmp_path):
     return e
 
 
-def test_kill_during_translate_then_resume(tmp_path, env):
-    store, ref_store = str(tmp_path / "store"), str(tmp_path / "ref")
+def test_kill_during_translate_then_resume(tmp_path, env, tiny_translated):
+    store = copy_store(tiny_translated, tmp_path / "store", ("self_instruct",))
+    ref_store = copy_store(tiny_translated, tmp_path / "ref", ("self_instruct",))
     slow = ["--set", "translate.batch_size=1"]  # runtime-only: same fingerprint, slower
-    cli("stage", "self_instruct", str(TINY), "--store", store, check=True, env=env)
     pipe = load_pipeline(TINY, store=store)
     fp = pipe.fingerprints()["translate"]
     partial = pipe.store.partial_dir("translate", fp)
@@ -82,7 +82,6 @@ def test_kill_during_translate_then_resume(tmp_path, env):
     for rel, ident in done_before.items():  # finished shards were kept, not rewritten
         assert after[rel] == ident, rel
 
-    cli("stage", "self_instruct", str(TINY), "--store", ref_store, check=True, env=env)
     cli("stage", "translate", str(TINY), "--store", ref_store, *slow, check=True, env=env)
     ref = load_pipeline(TINY, store=ref_store).store.open("translate", fp)
     for pattern in ("data/*/*.jsonl", "quarantine/*/*.jsonl"):
@@ -92,11 +91,9 @@ def test_kill_during_translate_then_resume(tmp_path, env):
     assert art.metrics["translated"] == ref.metrics["translated"]
 
 
-def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, env):
-    store, ref_store = str(tmp_path / "store"), str(tmp_path / "ref")
+def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, env, tiny_translated):
+    store, ref_store = copy_store(tiny_translated, tmp_path / "store"), copy_store(tiny_translated, tmp_path / "ref")
     longer = ["--set", "sft.train.max_steps=60"]
-    for s in ("self_instruct", "translate"):
-        cli("stage", s, str(TINY), "--store", store, *longer, check=True, env=env)
     pipe = load_pipeline(TINY, longer[1:], store=store)
     fp = pipe.fingerprints()["sft"]
     ckpts = pipe.store.partial_dir("sft", fp) / "checkpoints"
@@ -124,8 +121,7 @@ def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, env):
     # the efficiency report's time covers the killed run too, not only the resumed one
     assert m["attempts"] == 2 and m["efficiency"]["wall_seconds"] == m["wall_seconds"] > m["wall_seconds_last_attempt"]
 
-    for s in ("self_instruct", "translate", "sft"):
-        cli("stage", s, str(TINY), "--store", ref_store, *longer, check=True, env=env)
+    cli("stage", "sft", str(TINY), "--store", ref_store, *longer, check=True, env=env)
     ref = load_pipeline(TINY, longer[1:], store=ref_store).store.open("sft", fp).metrics
     assert ref["resumed_from_step"] == 0
     assert (m["examples"], m["examples_per_language"]) == (ref["examples"], ref["examples_per_language"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from polyalign.stages.core.pipeline import load_pipeline
-from tests.conftest import ROOT, TINY, cli
+from tests.conftest import ROOT, TINY, cli, copy_store
 
 pytestmark = pytest.mark.integration
 
@@ -37,12 +37,9 @@ LAYER_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
+def upstream(tiny_translated, tmp_path_factory):
     """A store with self_instruct and translate done (shared by the tests)."""
-    store = str(tmp_path_factory.mktemp("sft-methods"))
-    proc = cli("run", str(TINY), "--until", "translate", "--store", store)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return store
+    return copy_store(tiny_translated, tmp_path_factory.mktemp("sft-methods"))
 
 
 def _sft(store: str, sets: list[str]):
@@ -192,7 +189,7 @@ def test_lisa_changes_exactly_the_layers_of_its_log(upstream):
 
 def test_lisa_killed_and_resumed_draws_the_layers_of_an_uninterrupted_run(upstream, tmp_path):
     sets = [*DEEP, "sft.lora.method=lisa", "sft.lora.lisa_layers=2",
-            "sft.lora.lisa_interval=3", "sft.train.max_steps=30", "sft.save_steps=3", "sft.logging_steps=3"]
+            "sft.lora.lisa_interval=3", "sft.train.max_steps=21", "sft.save_steps=3", "sft.logging_steps=3"]
     flags = [x for s in sets for x in ("--set", s)]
     store, ref = str(tmp_path / "store"), str(tmp_path / "ref")
     shutil.copytree(upstream, store)
@@ -210,15 +207,15 @@ def test_lisa_killed_and_resumed_draws_the_layers_of_an_uninterrupted_run(upstre
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 300
-    while newest() < 9:
+    while newest() < 6:
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint 9 in time"
+        assert time.monotonic() < deadline, "no checkpoint 6 in time"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert pipe.store.state("sft", fp) == "partial"
     killed_at = newest()
-    assert killed_at < 30
+    assert killed_at < 21
 
     rerun = cli("stage", "sft", str(TINY), "--store", store, *flags, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -227,7 +224,7 @@ def test_lisa_killed_and_resumed_draws_the_layers_of_an_uninterrupted_run(upstre
     whole = cli("stage", "sft", str(TINY), "--store", ref, *flags, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     expected = load_pipeline(TINY, sets, store=ref).store.open("sft", fp).read_json("lisa_layers.json")
-    assert [h["step"] for h in expected] == list(range(0, 30, 3))
+    assert [h["step"] for h in expected] == list(range(0, 21, 3))
     assert art.read_json("lisa_layers.json") == expected
     # draws after the resume come from the restored RNG: not a restart of the sequence
     assert len({tuple(h["layers"]) for h in expected}) > 1
