@@ -344,11 +344,14 @@ def keeps_sequences_apart(model: Any) -> bool:
             gen = torch.Generator().manual_seed(0)
             vocab = model.get_input_embeddings().weight.shape[0]
             a, b = (torch.randint(10, min(vocab, 1000), (1, n), generator=gen).to(device) for n in (5, 7))
-            alone = [model(input_ids=x).logits for x in (a, b)]
+            # no cache, as TRL trains: transformers finds packed sequences only without one
+            alone = [model(input_ids=x, use_cache=False).logits for x in (a, b)]
             positions = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
-            packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=positions).logits
-            apart = torch.cat(alone, dim=1)
-            return bool(torch.allclose(packed.float(), apart.float(), atol=1e-3 * float(apart.abs().max()) + 1e-4))
+            packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=positions, use_cache=False).logits
+            apart = torch.cat(alone, dim=1).float()
+            # 16-bit weights: packed and apart shapes round differently; mixing sequences differs by far more
+            tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+            return bool(torch.allclose(packed.float(), apart, atol=tol * float(apart.abs().max()) + 1e-4))
     finally:
         model.train(was_training)
 

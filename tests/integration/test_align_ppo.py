@@ -30,9 +30,14 @@ def _sets(*items: str) -> list[str]:
 @pytest.fixture(scope="module")
 def upstream(tiny_translated, tmp_path_factory):
     """A store with every stage up to reward_model done (shared by the tests)."""
+    from polyalign.stages.core.loading import release_models
+    from polyalign.stages.core.runner import run_stage
+
     store = copy_store(tiny_translated, tmp_path_factory.mktemp("ppo-store"))
-    proc = cli("run", str(TINY), "--until", "reward_model", "--store", store)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(TINY, store=store)
+    for stage in ("sft", "preferences", "reward_model"):  # in this process: no CLI or Prefect start-up
+        run_stage(pipe, stage)
+    release_models()
     return store
 
 

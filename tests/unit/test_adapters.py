@@ -85,3 +85,13 @@ def test_ia3_scales_the_inputs_of_mlp_modules_and_the_outputs_of_the_others():
 
     config = build_peft_config(SftPeftSettings(method="ia3", placement="attention_mlp"), _tiny("llama"), "unused", 10)
     assert set(config.target_modules) == ATTN | MLP and set(config.feedforward_modules) == MLP
+
+
+@pytest.mark.parametrize("arch, apart", [("llama", True), ("gemma3_text", True), ("qwen2", True), ("bloom", False)])
+def test_padding_free_only_where_the_model_keeps_packed_sequences_apart(arch, apart):
+    from polyalign.stages.sft import keeps_sequences_apart
+
+    model = _tiny(arch)
+    model.train()
+    assert keeps_sequences_apart(model) is apart
+    assert model.training  # left as it was
