@@ -188,8 +188,11 @@ def polyalign_flow(
     return run_pipeline(config, list(overrides or []), until, store, concurrency)
 
 
-def run_pipeline(config: str, overrides: list[str], until: str | None, store: str | None, concurrency: int) -> Any:
-    """The body of every polyalign flow (the generic one and each served deployment's)."""
+def run_pipeline(config: str, overrides: list[str], until: str | None, store: str | None, concurrency: int,
+                 only_upstream: bool = False) -> Any:
+    """The body of every polyalign flow (the generic one and each served deployment's): the
+    stages up to `until` in pipeline order, or with `only_upstream` just `until` and the
+    stages it takes inputs from (a sweep's target)."""
     import uuid
 
     states: dict[str, str] = {}
@@ -198,11 +201,13 @@ def run_pipeline(config: str, overrides: list[str], until: str | None, store: st
     try:
         pipeline = load_pipeline(config, overrides, store)
         pipeline.store.check_root(writable=True)
-        pipeline.check_servers([p.name for p in pipeline.plan(pipeline.until(until)) if p.state != "cached"])
+        stages = pipeline.until(until)
+        if only_upstream and until is not None:
+            stages = [*pipeline.upstream(until), until]
+        pipeline.check_servers([p.name for p in pipeline.plan(stages) if p.state != "cached"])
         # every task is submitted now, in topological order, waiting on its upstream stages'
         # tasks: a worker thread only ever waits on tasks submitted before its own, so the
         # oldest unfinished task can always run and any pool size makes progress
-        stages = pipeline.until(until)
         futures: dict[str, Any] = {}
         unit_futures: dict[str, list[tuple[str, Any]]] = {}
         with contextlib.ExitStack() as engine:

@@ -1,7 +1,8 @@
 """A sweep as one Prefect flow: the pipeline once per variant, then one report.
 
 Variants run one after another through the pipeline flow's own body (`run_pipeline`), so
-every stage is a task of this flow run; a stage whose fingerprint a variant shares with an
+every stage is a task of this flow run (with `until`, that stage and the stages it takes
+inputs from, not every stage before it in the pipeline); a stage whose fingerprint a variant shares with an
 earlier one (everything upstream of the swept field) is a store hit and shows as Cached. A
 variant that fails is recorded in the table and the sweep goes on. The report task measures
 each variant's inference speed and publishes the table (markdown, JSON, plot on disk, and a
@@ -83,7 +84,7 @@ def sweep_flow(config: str, variants: list[list[str]], labels: list[str], until:
         print(f"[sweep] variant {name}", flush=True)
         error = None
         try:
-            states = run_pipeline(config, overrides, until, store, concurrency)
+            states = run_pipeline(config, overrides, until, store, concurrency, only_upstream=True)
             if not isinstance(states, dict):  # a Failed state: a user error of this variant
                 error = (states.message or "failed").removeprefix(USER_ERROR)
         except Exception as exc:  # noqa: BLE001 - one variant's failure is a row of the table

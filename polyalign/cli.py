@@ -202,7 +202,7 @@ def sweep(
     config: ConfigArg,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="FIELD=VALUE or FIELD=A,B,C (swept: every combination of the listed values is a variant).")] = None,
-    until: Annotated[Optional[str], typer.Option("--until", help="Run each variant up to this stage (default: all).")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Run this stage and the stages it takes inputs from, per variant (default: all).")] = None,
     store: StoreOpt = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Folder of the table, JSON and plot.")] = None,
     train_stage: Annotated[str, typer.Option("--train-stage", help="The stage whose training and inference cost the table reports.")] = "sft",
@@ -226,7 +226,7 @@ def sweep(
     if train_stage not in pipes[0].nodes:
         _fail(f"--train-stage: unknown stage {train_stage!r} (stages: {', '.join(pipes[0].order)})")
     for pipe in pipes:
-        _check_before_running(pipe, pipe.until(until))
+        _check_before_running(pipe, [*pipe.upstream(until), until] if until else pipe.order)
     labels = [sweep_core.label(v, swept) for v in variants]
     folder = out or str(Path(".polyalign") / "sweeps" / f"{pipes[0].name}-{fingerprint(variants)[:8]}")
     typer.echo(f"sweep of {len(variants)} variants: {'; '.join(labels)}")

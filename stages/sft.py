@@ -239,6 +239,10 @@ def _train(cfg: Config, inputs: Inputs, out: ArtifactWriter, files: list[str], w
     missing = sorted(set(per_lang) - set(cfg.mix_weights))
     if cfg.mix_weights and missing:
         raise UserError(f"sft.mix_weights: no weight for {', '.join(missing)} (every trained language needs one)")
+    extra = sorted(set(cfg.mix_weights) - set(per_lang))
+    if extra:
+        raise UserError(f"sft.mix_weights: {', '.join(extra)} has no training records here "
+                        f"(languages trained: {', '.join(sorted(per_lang))})")
 
     picks: list[list[int]] | None = None
     effective = per_lang

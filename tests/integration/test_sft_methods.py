@@ -238,6 +238,10 @@ def test_languages_resampled_by_temperature_and_weights(upstream):
     assert counts["en"] == 3 * counts["fr"] or abs(counts["en"] - 3 * counts["fr"]) <= 3
     card = art.file("README.md").read_text()
     assert "examples trained on" in card and f"| en | {available['en']} | {counts['en']} |" in card
+    from polyalign.stages.core.errors import UserError
+
+    with pytest.raises(UserError, match="sft.mix_weights: de has no training records here"):
+        _sft(upstream, ["sft.languages=[fr]", "sft.mix_weights={en: 3, fr: 1, de: 1}", "sft.train.max_steps=1"])
 
 
 def test_mix_counts_move_from_proportional_to_uniform():

@@ -38,6 +38,8 @@ def test_upstream_runs_once_and_every_variant_has_its_own_sft(swept):
     fps = [p.fingerprints() for p in pipes]
     assert len({f["translate"] for f in fps}) == 1 and len({f["sft"] for f in fps}) == len(variants)
     root = pipes[0].store.root
+    # evaluate takes the SFT model alone here: the stages it does not need did not run
+    assert not any((root / stage).exists() for stage in ("preferences", "reward_model", "align"))
     assert len([d for d in (root / "translate").iterdir() if d.is_dir()]) == 1
     assert len([d for d in (root / "sft").iterdir() if d.is_dir() and not d.name.endswith(".partial")]) == len(variants)
 
