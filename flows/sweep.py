@@ -88,6 +88,9 @@ def sweep_flow(config: str, variants: list[list[str]], labels: list[str], until:
             if not isinstance(states, dict):  # a Failed state: a user error of this variant
                 error = (states.message or "failed").removeprefix(USER_ERROR)
         except Exception as exc:  # noqa: BLE001 - one variant's failure is a row of the table
+            import traceback
+
+            traceback.print_exc()  # a crash, not a user error: its traceback stays in the run's log
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         runs.append({"label": name, "overrides": overrides, "error": error})
         release_models()  # the next variant starts without this one's cached models

@@ -159,10 +159,9 @@ def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         _finish_plugins(cfg, inputs, out)
         return
     result = _train(cfg, inputs, out, training_files(cfg, inputs["data"]), work="", model_dir="model", save_tokenizer=True)
-    effective, available = result.pop("examples_per_language"), result.pop("available_per_language")
-    out.metrics.update(result, examples_per_language=effective)
-    if result.get("mixing"):
-        out.metrics["mixing"]["available_per_language"] = available
+    available = result.pop("available_per_language")
+    effective = result["examples_per_language"]
+    out.metrics.update(result)
     out.card = _card(cfg, available, effective)
     out.summary = (
         f"SFT ({result['method']}) on {result['examples']} examples in {len(effective)} languages: "
@@ -173,7 +172,7 @@ def finish(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
 
 def _finish_plugins(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     """Metrics of every plugin, their bytes against one merged model, the shared tokenizer."""
-    from polyalign.stages.core.loading import load_tokenizer
+    from polyalign.stages.core.loading import load_tokenizer, torch_dtype
 
     langs = units(cfg)
     per = {lang: out.read_json(f"units/{lang}/result.json") for lang in langs}
@@ -181,7 +180,7 @@ def _finish_plugins(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     sizes = {lang: sum(f.stat().st_size for f in out.path(f"model/{lang}").rglob("*") if f.is_file()) for lang in langs}
     first = per[langs[0]]
     base_params = first["total_params"] - first["trainable_params"]
-    element = 2 if "16" in inputs.model_dtype(cfg.model) or (inputs.model_dtype(cfg.model) == "auto" and _cuda()) else 4
+    element = torch_dtype(inputs.model_dtype(cfg.model)).itemsize  # the dtype the plugins were trained in
     merged = base_params * element  # one model with a plugin merged in: the base's weights
     keep = ("global_step", "first_logged_loss", "last_logged_loss", "trainable_params", "tokens", "examples", "padding_free")
     out.metrics.update(
@@ -203,12 +202,6 @@ def _finish_plugins(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         f"{sum(sizes.values()) / 2**20:.1f} MiB against {merged / 2**20:.1f} MiB for one merged model "
         f"({merged * len(langs) / 2**20:.1f} MiB for one per language)."
     )
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _train(cfg: Config, inputs: Inputs, out: ArtifactWriter, files: list[str], work: str, model_dir: str,
@@ -330,7 +323,7 @@ def _train(cfg: Config, inputs: Inputs, out: ArtifactWriter, files: list[str], w
     if picks is not None:
         probs = {k: round(v / n_rows, 4) for k, v in effective.items()}
         stats["mixing"] = {"temperature": cfg.mix_temperature, "weights": cfg.mix_weights or None,
-                           "sampling_probabilities": probs}
+                           "available_per_language": per_lang, "sampling_probabilities": probs}
     return stats
 
 
@@ -362,7 +355,7 @@ def keeps_sequences_apart(model: Any) -> bool:
 
 def _card(cfg: Config, available: dict[str, int], effective: dict[str, int]) -> str:
     """The card of what the model was trained on: the language mix."""
-    how = ("as the data came" if effective is available else
+    how = ("as the data came" if not cfg.mix_weights and cfg.mix_temperature == 1.0 else
            f"resampled by the weights {cfg.mix_weights}" if cfg.mix_weights else
            f"resampled with temperature {cfg.mix_temperature} (probability proportional to count**(1/T))")
     total = sum(effective.values())

@@ -56,16 +56,18 @@ def report(metrics: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     }
 
 
+def num(x: Any, unit: str = "") -> str:
+    """A count or size for a table: 1.2G, 3.4MB; n/a for None."""
+    if x is None:
+        return "n/a"
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{suffix}{unit}"
+    return f"{x:.0f}{unit}" if isinstance(x, (int, float)) else str(x)
+
+
 def table(rows: dict[str, dict[str, Any]]) -> str:
     """The report of several stages as a markdown table."""
-    def num(x: Any, unit: str = "") -> str:
-        if x is None:
-            return "n/a"
-        for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-            if abs(x) >= scale:
-                return f"{x / scale:.1f}{suffix}{unit}"
-        return f"{x:.0f}{unit}" if isinstance(x, (int, float)) else str(x)
-
     lines = ["| stage | wall | tokens/s | FLOPs | MFU | peak RSS | peak CUDA | trainable params | saved model |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, e in rows.items():
         mfu = f"n/a ({e['device']})" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"

@@ -23,6 +23,7 @@ Torch, transformers and peft are imported inside the functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -89,8 +90,10 @@ def is_adapter(folder: str) -> bool:
     return (Path(folder) / "adapter_config.json").exists()
 
 
+@functools.lru_cache(maxsize=1024)
 def adapter_type(folder: str) -> str:
-    """The peft type of an adapter folder (LORA, IA3, PROMPT_TUNING, ...)."""
+    """The peft type of an adapter folder (LORA, IA3, PROMPT_TUNING, ...); read once per folder,
+    since every inference call asks (store artifacts never change)."""
     import json
 
     return str(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type", "LORA"))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from polyalign.stages.core.efficiency import num
 from polyalign.stages.core.errors import UserError
 
 PROMPTS = (  # fixed chat prompts for the inference-speed measurement
@@ -182,19 +183,8 @@ def sweep_rows(runs: list[dict[str, Any]], train_stage: str) -> list[dict[str, A
     return rows
 
 
-def _num(x: Any, kind: str = "") -> str:
-    if x is None:
-        return "n/a"
-    if kind == "bytes":
-        for unit in ("B", "KiB", "MiB", "GiB"):
-            if abs(x) < 1024 or unit == "GiB":
-                return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-            x /= 1024
-    if kind == "sci":
-        return f"{x:.2e}"
-    if isinstance(x, float):
-        return f"{x:.3f}" if abs(x) < 10 else f"{x:,.1f}"
-    return f"{x:,}" if isinstance(x, int) else str(x)
+def _score(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if abs(x) < 10 else f"{x:,.1f}"
 
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
@@ -209,11 +199,11 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     for r in rows:
         error = r.get("error") or ""
         note = f"failed: {error[:200]}{'...' if len(error) > 200 else ''}" if error else ""
-        cells = [r["variant"]] + [_num((r.get("scores") or {}).get(lang)) for lang in langs] + [
-            _num(r.get("score_mean")), _num(r.get("train_wall_s")), _num(r.get("train_tokens_per_s")),
-            _num(r.get("train_flops"), "sci"), _num(r.get("peak_memory_bytes"), "bytes"), _num(r.get("trainable_params")),
-            _num(r.get("saved_bytes"), "bytes"), _num(r.get("gen_tok_s_base")), _num(r.get("gen_tok_s_unmerged")),
-            _num(r.get("gen_tok_s_merged")), note.replace("|", "/")]
+        cells = [r["variant"]] + [_score((r.get("scores") or {}).get(lang)) for lang in langs] + [
+            _score(r.get("score_mean")), _score(r.get("train_wall_s")), _score(r.get("train_tokens_per_s")),
+            num(r.get("train_flops")), num(r.get("peak_memory_bytes"), "B"), num(r.get("trainable_params")),
+            num(r.get("saved_bytes"), "B"), _score(r.get("gen_tok_s_base")), _score(r.get("gen_tok_s_unmerged")),
+            _score(r.get("gen_tok_s_merged")), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     scored = {str(r["scored_model"]) for r in rows if r.get("scored_model")}
     lines += ["", f"Scores: mean over the benchmarks of acc_norm (acc where a benchmark has none) of the "
