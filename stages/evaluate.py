@@ -256,7 +256,7 @@ def _variants(cfg: Config, inputs: Inputs, lang: str | None = None) -> dict[str,
         if lang is None and sft.metrics.get("plugins"):
             variants["sft"] = []  # the names only (finish): each language has its own plugin
         else:
-            variants["sft"] = [sft_model(sft, lang, stage="evaluate")]
+            variants["sft"] = [sft_model(sft, lang, stage="evaluate", merges=False)]
     aligned = inputs.get("aligned")
     if aligned is not None:
         variants["aligned"] = variants.get("sft", []) + [str(aligned.file("model"))]

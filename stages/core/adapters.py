@@ -211,12 +211,20 @@ def adalora_callback() -> Any:
     return Allocate()
 
 
-def sft_model(art: Any, lang: str | None = None, stage: str = "this stage") -> str:
+def sft_model(art: Any, lang: str | None = None, stage: str = "this stage", merges: bool = True) -> str:
     """The model folder of an sft artifact; with per-language plugins, the plugin of `lang`
-    (a stage that takes one SFT model for every language gets a one-line error)."""
+    (a stage that takes one SFT model for every language gets a one-line error). A stage that
+    `merges` the model (samples from it to train on, or trains on top of it) refuses virtual
+    tokens (prompt or prefix tuning) in one line before any work."""
     plugins = art.metrics.get("plugins")
     if not plugins:
-        return str(art.file("model"))
+        folder = str(art.file("model"))
+        if merges:
+            from polyalign.stages.core.loading import check_mergeable, is_adapter
+
+            if is_adapter(folder):
+                check_mergeable(folder)
+        return folder
     if lang is None:
         raise UserError(f"sft has one plugin per language ({', '.join(plugins)}) and {stage} takes one SFT model; "
                         "set sft.per_language: false for a pipeline that goes on past evaluate")

@@ -10,7 +10,9 @@
   freshly merged copy would (`merge_and_unload`, adapter after adapter). Adapters of other
   kinds (IA3, LoHa, LoKr, AdaLoRA) cannot share a peft model with LoRA ones: a chain holding
   one is merged into a resident model of its own. Prompt and prefix tuning adapters merge
-  into nothing and are refused with a one-line error.
+  into nothing: the last adapter of a chain may be one, and its virtual positions are put in
+  front of every sequence as a constant key/value prefix (`virtual.VirtualPrefixLM`); the
+  loaders that merge refuse them with a one-line error.
   Tasks that want the same variant share the model; a task that wants another one waits
   until the model is free.
 - Tokenizers are cached per thread: a fast tokenizer is not safe to call from two threads
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from polyalign.stages.core.model_specs import DEFAULT_CHAT_TEMPLATE
+from polyalign.stages.core.virtual import PROMPT_TYPES
 
 # Loading a model is not thread-safe: transformers builds it on the meta device by patching
 # module construction for the whole process, so two loads in two threads (an evaluation unit
@@ -99,18 +102,21 @@ def adapter_type(folder: str) -> str:
     return str(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type", "LORA"))
 
 
-PROMPT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+def is_virtual(folder: str) -> bool:
+    """An adapter of virtual tokens (prompt or prefix tuning): evaluated through
+    `VirtualPrefixLM`, never merged."""
+    return is_adapter(folder) and adapter_type(folder) in PROMPT_TYPES
 
 
 def check_mergeable(folder: str) -> None:
-    """Refuse an adapter of virtual tokens: nothing of it can be merged into the weights."""
+    """Refuse an adapter of virtual tokens where it would have to be merged into the weights."""
     kind = adapter_type(folder)
     if kind in PROMPT_TYPES:
         from polyalign.stages.core.errors import UserError
 
         raise UserError(f"{folder}: a {kind.lower()} adapter adds virtual tokens, which cannot be merged into the "
-                        "model; stages after sft need a weight adapter (sft.lora.method: lora, dora, ia3, ...) "
-                        "or full/lisa")
+                        "model; evaluate takes it, the stages that train on the SFT model need a weight adapter "
+                        "(sft.lora.method: lora, dora, ia3, ...) or full/lisa")
 
 
 def load_causal_lm(
@@ -185,6 +191,20 @@ class _Resident:
         self.users = 0
         self.holders: dict[int, int] = {}  # thread id -> nested uses
         self.cond = threading.Condition()
+        self.virtual: dict[tuple[tuple[str, ...], str], Any] = {}  # (merged chain, adapter) -> VirtualPrefixLM
+        self.virtual_lock = threading.Lock()
+
+    def with_virtual(self, folder: str) -> Any:
+        """The model as merged now, behind the virtual positions of the adapter in `folder`
+        (computed once per merged chain; call inside `use`)."""
+        from polyalign.stages.core.virtual import VirtualPrefixLM, virtual_prefix
+
+        key = (self.current, folder)
+        with self.virtual_lock:
+            if key not in self.virtual:
+                model = self.model
+                self.virtual[key] = VirtualPrefixLM(model, virtual_prefix(model, folder, adapter_type(folder)))
+            return self.virtual[key]
 
     @property
     def model(self) -> Any:
@@ -337,6 +357,9 @@ def use_lm(path: str, adapters: Sequence[str] = (), dtype: str = "auto") -> Iter
     The model is shared within the process and must not be modified; hold it only inside
     the `with` block. The tokenizer is the base model's, private to the calling thread.
     """
+    adapters = list(adapters)
+    # virtual tokens come last: the chain before them is merged, their positions put in front
+    virtual = adapters.pop() if adapters and is_virtual(adapters[-1]) else None
     base, merged, chain = split_chain(path, adapters)
     key = (base, merged, dtype)
     with _key_lock(("lm", *key)):  # loading one model does not hold up users of another
@@ -348,7 +371,7 @@ def use_lm(path: str, adapters: Sequence[str] = (), dtype: str = "auto") -> Iter
                 _residents[key] = resident
     tok = thread_tokenizer(path)
     with resident.use(chain) as model:
-        yield model, tok
+        yield (model if virtual is None else resident.with_virtual(virtual)), tok
 
 
 def cached_reward_model(path: str, adapters: Sequence[str], dtype: str = "auto") -> Any:

@@ -157,6 +157,23 @@ def _progress_callback() -> Any:
     return Progress()
 
 
+def checkpoints_without_tokenizer(trainer: Any) -> None:
+    """Checkpoints keep what resuming reads (weights, optimizer, scheduler, RNG, trainer
+    state), not the tokenizer: it is the base model's, loaded from there on resume, and saved
+    once beside the final model. The Trainer would write it into every checkpoint (Gemma's
+    is 33 MB, 0.8 s a save on this project's CI machine)."""
+    save = trainer._save
+
+    def _save(output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        kept, trainer.processing_class = trainer.processing_class, None
+        try:
+            save(output_dir, state_dict)
+        finally:
+            trainer.processing_class = kept
+
+    trainer._save = _save
+
+
 def train_resumable(trainer: Any, output_dir: Path, save: Any, tensorboard: bool = True) -> dict[str, Any]:
     """Train, resuming from the last checkpoint in `output_dir`, then `save()` the model.
 
@@ -186,6 +203,7 @@ def train_resumable(trainer: Any, output_dir: Path, save: Any, tensorboard: bool
         trainer.add_callback(tensorboard_callback(output_dir.parent / "tensorboard"))
     if distributed.is_main():
         trainer.add_callback(_progress_callback())
+    checkpoints_without_tokenizer(trainer)
     result = trainer.train(resume_from_checkpoint=ckpt)
     if distributed.is_main():  # the main process saves; every process computes the statistics
         save()

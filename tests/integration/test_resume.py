@@ -112,6 +112,10 @@ def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, env, tiny_transla
     _kill_when(proc, lambda: bool(complete_checkpoints()) and complete_checkpoints()[-1] >= 6)
     at_kill = complete_checkpoints()[-1]
     assert pipe.store.state("sft", fp) == "partial"
+    # a checkpoint holds what resuming reads, not a copy of the base model's tokenizer
+    held = {p.name for p in (ckpts / f"checkpoint-{at_kill}").iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= held
+    assert not held & {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}, held
 
     rerun = cli("stage", "sft", str(TINY), "--store", store, *longer, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -158,6 +158,80 @@ def test_prompt_methods_train_virtual_tokens_only_and_reload(upstream, method):
         load_causal_lm(base_path, [str(folder)], dtype="float32")
 
 
+def _peft_loglikelihood(model, ids: list[int], n: int):
+    """log p(last n tokens of ids | the rest) by the model's own forward (peft's, here)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0, -(len(ids) - 1):]  # prompt tuning: virtual rows first
+    logp = torch.log_softmax(logits.float(), dim=-1)[-n:]
+    return float(logp.gather(1, torch.tensor(ids[-n:])[:, None]).sum())
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_tokens_are_evaluated_as_peft_computes_them(upstream, method):
+    """evaluate's scorer (its cached, shared-prefix and per-request paths) and our decode loop,
+    given a prompt- or prefix-tuned SFT model, give what peft's forward and generate give;
+    stages that train on the SFT model refuse it in one line."""
+    import torch
+    from peft import PeftModel
+
+    from polyalign.stages.core.adapters import sft_model
+    from polyalign.stages.core.backends import Request, run
+    from polyalign.stages.core.backends.transformers import TransformersBackend
+    from polyalign.stages.core.errors import UserError
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer, use_lm
+    from polyalign.stages.core.scoring import ChoiceScorer
+
+    sets = [f"sft.lora.method={method}", "sft.lora.num_virtual_tokens=6"]
+    if method == "prompt_tuning":
+        sets.append("sft.lora.init_text=Answer in the language of the question")
+    pipe, art = _sft(upstream, sets)
+    folder, base_path = sft_model(art, stage="evaluate", merges=False), _base_path(pipe)
+    ref = PeftModel.from_pretrained(load_causal_lm(base_path, dtype="float32"), folder).eval()
+    shots = "Question: what colour is the sky?\nAnswer: blue\n\n"
+    contexts = [shots + "Question: 2 + 2?\nAnswer:", shots + "Question: the capital of France, please?\nAnswer:",
+                "Question: a cold season?\nAnswer:"]
+    choices = [[" four", " five", " twenty two"], [" Paris", " Lyon"], [" winter", " summer", " a"]]
+    with use_lm(base_path, [folder], "float32") as (model, tok):
+        assert model.virtual_tokens == 6
+        runs = {}
+        for name, scorer, prefix in [("cached", ChoiceScorer(model, tok, batch_size=2, progress=False), None),
+                                     ("prefixed", ChoiceScorer(model, tok, batch_size=2, progress=False), shots),
+                                     ("per_request", ChoiceScorer(model, tok, max_length=9, progress=False), None)]:
+            runs[name] = (scorer, scorer.score(contexts, choices, prefix=prefix))
+            assert scorer.stats[name] > 0, (name, scorer.stats)
+        prompts = ["Translate to French: good morning", "x", "Write one word about the sea and the wind"]
+        backend = TransformersBackend(model, tok, batch_size=3, progress=False)
+        replies = run(backend, [Request(key=str(i), prompt=p, max_new_tokens=8) for i, p in enumerate(prompts)])
+    for name, (scorer, scores) in runs.items():
+        for ctx, conts, got in zip(contexts, choices, scores):
+            for cont, value in zip(conts, got):
+                ctx_ids, cont_ids = scorer.encode(ctx, cont)
+                ids = (ctx_ids + cont_ids)[-(scorer.max_length + 1):]
+                assert value == pytest.approx(_peft_loglikelihood(ref, ids, len(cont_ids)), abs=1e-4), (name, ctx, cont)
+    with use_lm(base_path, [], "float32") as (plain, tok):  # the virtual positions change the scores
+        base_scores = ChoiceScorer(plain, tok, batch_size=2, progress=False).score(contexts, choices)
+    assert max(abs(a - b) for x, y in zip(base_scores, runs["cached"][1]) for a, b in zip(x, y)) > 1e-3
+    ref_tok = load_tokenizer(base_path)
+    for i, p in enumerate(prompts):
+        # greedy through peft's forward over the whole sequence at every step (no cache, no
+        # padding); peft's generate is no reference for prefix tuning: transformers 5 drops
+        # the prefix it passes as `past_key_values` for the generation cache
+        ids = ref_tok(p, add_special_tokens=False)["input_ids"]
+        new: list[int] = []
+        for _ in range(8):
+            with torch.no_grad():
+                token = int(ref(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(token)
+            if token == ref_tok.eos_token_id:
+                break
+        assert replies[str(i)].text == ref_tok.decode(new, skip_special_tokens=True).strip(), (method, p)
+    for stage in ("preferences", "reward_model", "align"):
+        with pytest.raises(UserError, match="virtual tokens, which cannot be merged"):
+            sft_model(art, stage=stage)
+
+
 def test_full_fine_tuning_changes_every_weight(upstream):
     from polyalign.stages.core.loading import load_causal_lm
 
