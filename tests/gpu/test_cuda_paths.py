@@ -77,7 +77,7 @@ def test_a_ppo_step_runs_in_bfloat16_on_the_gpu(tiny_path, tmp_path):
     assert model.device.type == "cuda" and model.get_base_model().dtype == torch.bfloat16
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     prompts = [f"Prompt number {i}: say something." for i in range(32)]
-    reward = lambda ps, rs: [r.count("e") / max(1, len(r)) for r in rs]  # noqa: E731
+    reward = lambda ps, rs: [r.count("e") / max(1, len(r)) for r in rs]
     settings = PPOSettings(steps=3, rollouts=32, chunk=16, minibatch=8, ppo_epochs=2, learning_rate=1e-3, max_new_tokens=32)
     start = time.perf_counter()
     history = list(PPOTrainer(model, tok, prompts, reward, settings, tmp_path / "ppo").train())
