@@ -5,14 +5,15 @@ process (`--rounds N` runs each side N times, alternating which goes first):
 - polyalign: the sft stage (`run_stage(pipe, "sft")`) of CONFIG (default the demo), in a
   scratch store holding a copy of the config's self_instruct and translate artifacts (run
   `polyalign run CONFIG --until translate` first). It runs as users run it: its checkpoints
-  every `save_steps` count in its time, and its padding-free batches (`sft.padding_free`);
+  every `save_steps` count in its time; its batches are padding-free (`sft.padding_free`) and
+  its LM head projects only the labelled positions on a CPU too;
 - TRL: `SFTTrainer` with an `SFTConfig` that sets only what the stage also sets (steps,
   batch size, gradient accumulation, learning rate and schedule, warmup, max_length, seed,
   completion-only loss, no gradient checkpointing, CPU or bf16 on a GPU), the same LoRA
   (`peft.LoraConfig` from `sft.lora`), the same prompt/completion pairs (built by the stage's
   own `_examples` from the same files) and tokenizer (the stage's loader: its chat template
   for models that ship none, its pad token), no checkpoints; TRL's defaults for the rest, so its
-  batches are padded to their longest example.
+  batches are padded to their longest example and, on a CPU, its LM head projects every position.
 
 Throughput: tokens that are not padding (the Trainer's `num_input_tokens_seen`, counted
 the same way on both sides) over `train_runtime` (the Trainer's own clock around the

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +159,34 @@ def _progress_callback() -> Any:
     return Progress()
 
 
+@contextlib.contextmanager
+def labelled_positions_only() -> Iterator[None]:
+    """Let TRL's fused LM head score only the positions that carry a label on a CPU too.
+
+    TRL (1.x) projects only the labelled positions through the LM head on devices with
+    Triton (CUDA, XPU); elsewhere it projects every position, prompt and padding included,
+    so that an XLA device sees one tile shape per batch size and does not recompile. A CPU
+    compiles nothing, and there the head is most of a training step for a model with a large
+    vocabulary (Gemma's 262k words: about two thirds of a training step on the demo). The
+    per-token log-probabilities of the labelled positions, so the loss and its gradient, are
+    the same; only the positions no loss reads are skipped. Without the hook (another TRL
+    version) training is unchanged."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def checkpoints_without_tokenizer(trainer: Any) -> None:
     """Checkpoints keep what resuming reads (weights, optimizer, scheduler, RNG, trainer
     state), not the tokenizer: it is the base model's, loaded from there on resume, and saved
@@ -204,7 +234,8 @@ def train_resumable(trainer: Any, output_dir: Path, save: Any, tensorboard: bool
     if distributed.is_main():
         trainer.add_callback(_progress_callback())
     checkpoints_without_tokenizer(trainer)
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    with labelled_positions_only():
+        result = trainer.train(resume_from_checkpoint=ckpt)
     if distributed.is_main():  # the main process saves; every process computes the statistics
         save()
     state = trainer.state
