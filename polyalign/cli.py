@@ -28,7 +28,9 @@ ConfigArg = Annotated[str, typer.Argument(help="Pipeline YAML, e.g. configs/tiny
 
 
 def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from polyalign.stages.core.errors import redact
+
+    typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -74,6 +76,8 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     pipe = _load(config, set_, None)
     pipe.fingerprints()
     typer.echo(f"{config}: valid pipeline {pipe.name!r} with stages {', '.join(pipe.order)}")
+    for line in pipe.warnings():
+        typer.echo(f"warning: {line}", err=True)
     from polyalign.stages.core.model_specs import unpinned_warning
 
     for name, spec in pipe.header.models.items():
@@ -165,6 +169,8 @@ def run(
     if until is not None and until not in pipe.nodes:
         _fail(f"--until: unknown stage {until!r} (stages: {', '.join(pipe.order)})")
     _check_before_running(pipe, pipe.until(until))
+    for line in pipe.warnings():
+        typer.echo(f"warning: {line}", err=True)
     import os
 
     # the embedded server's usage telemetry cannot reach out offline and logs an ERROR each time
@@ -531,11 +537,41 @@ def models_prepare(
         _fail(str(exc))
 
 
+def _crash_log(exc: BaseException) -> str | None:
+    """Write the traceback of an unexpected exception to a log file; its path, or None."""
+    import datetime
+    import os
+    import traceback
+
+    folder = Path(os.environ.get("POLYALIGN_LOGS") or Path.home() / ".cache" / "polyalign" / "logs")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = folder / f"crash-{stamp}-{os.getpid()}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        from polyalign.stages.core.errors import redact
+
+        path.write_text(redact(f"polyalign {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc))))
+    except OSError:
+        return None
+    return str(path)
+
+
 def main() -> None:
-    from polyalign.stages.core.errors import UserError
+    import os
+
+    from polyalign.stages.core.errors import UserError, redact
 
     try:
         app()
     except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {redact(str(exc))}", err=True)
         sys.exit(2)
+    except Exception as exc:  # the last resort: one line and the log path, never a bare traceback
+        if os.environ.get("POLYALIGN_DEBUG"):
+            raise
+        log = _crash_log(exc)
+        first = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
+        where = f"the traceback is in {log}" if log else "set POLYALIGN_DEBUG=1 for the traceback"
+        typer.echo(f"error: internal error ({type(exc).__name__}{': ' + first if first else ''}); {where}. "
+                   "This is a bug in polyalign, not in your config: please report it with that file.", err=True)
+        sys.exit(1)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from polyalign.stages.core.adapters import sft_model
-from polyalign.stages.core.contract import ArtifactWriter, Inputs
+from polyalign.stages.core.checked import Checked
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
 VERSION = "3"
@@ -33,7 +34,7 @@ OPTIONAL_INPUTS = {
 ONLINE = ("rloo", "grpo")
 
 
-class OnlineSection(BaseModel):
+class OnlineSection(Checked):
     """TRL's online methods (rloo, grpo): completions sampled per prompt, scored by the reward model."""
 
     model_config = ConfigDict(extra="forbid")
@@ -43,7 +44,7 @@ class OnlineSection(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
 
 
-class PPOSection(BaseModel):
+class PPOSection(Checked):
     """PPO settings; the defaults follow Okapi's released rl_training.py where it sets one."""
 
     model_config = ConfigDict(extra="forbid")
@@ -113,13 +114,25 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         return
     import shutil
 
-    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
-
-    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
-    from polyalign.stages.core.training import peft_config, train_resumable, trainer_kwargs
+    from trl import (
+        DPOConfig,
+        DPOTrainer,
+        GRPOConfig,
+        GRPOTrainer,
+        KTOConfig,
+        KTOTrainer,
+        RLOOConfig,
+        RLOOTrainer,
+    )
 
     from polyalign.stages.core.distributed import rank
-    from polyalign.stages.core.training import streamed_dataset
+    from polyalign.stages.core.loading import load_causal_lm, load_tokenizer
+    from polyalign.stages.core.training import (
+        peft_config,
+        streamed_dataset,
+        train_resumable,
+        trainer_kwargs,
+    )
 
     art = inputs["pairs"]
     files = [str(art.file(rel)) for rel in art.listed("data/*/*.jsonl")]  # each checked against its digest
@@ -130,7 +143,8 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     model = load_causal_lm(path, [sft_model(inputs["policy"], stage="align")], inputs.model_dtype(cfg.model))
     model.train()
     ckpt_dir = out.path("checkpoints")
-    common = dict(model=model, processing_class=tok, peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
+    common = dict(model=model, processing_class=tok,
+                  peft_config=peft_config(cfg.lora, "CAUSAL_LM", model, "align.lora.target_modules"))
     kwargs = trainer_kwargs(cfg.train, ckpt_dir, cfg.save_steps, cfg.logging_steps)
     trainer: Any
     if cfg.method == "dpo":
@@ -216,14 +230,21 @@ def _train_ppo(cfg: Config, inputs: Inputs, out: ArtifactWriter, done: Any) -> N
     import torch
     from peft import get_peft_model
 
-    from polyalign.stages.core.loading import cached_reward_model, load_causal_lm, load_tokenizer
-    from polyalign.stages.core.ppo import PPOSettings, PPOTrainer
-    from polyalign.stages.core.reward import conversation, score
-    from polyalign.stages.core.training import peft_config
-
     from polyalign.stages.core.distributed import barrier, is_main, world_size
     from polyalign.stages.core.errors import UserError
-    from polyalign.stages.core.ppo import start_process_group, unfreeze_top_layers
+    from polyalign.stages.core.loading import (
+        cached_reward_model,
+        load_causal_lm,
+        load_tokenizer,
+    )
+    from polyalign.stages.core.ppo import (
+        PPOSettings,
+        PPOTrainer,
+        start_process_group,
+        unfreeze_top_layers,
+    )
+    from polyalign.stages.core.reward import conversation, score
+    from polyalign.stages.core.training import peft_config
 
     if cfg.ppo.rollouts % world_size():
         raise UserError(f"align.ppo.rollouts: {cfg.ppo.rollouts} is not a multiple of the {world_size()} processes")

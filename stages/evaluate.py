@@ -26,10 +26,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from polyalign.stages.core.contract import ArtifactWriter, Inputs
+from polyalign.stages.core.checked import Checked
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
+from polyalign.stages.core.io import expand_path
 from polyalign.stages.core.languages import check_languages
 
 if TYPE_CHECKING:  # torch stays out of config validation
@@ -48,7 +50,7 @@ STAGES = ("base", "sft", "aligned")
 Protocol = Literal["okapi", "lm-eval"]
 
 
-class _Strict(BaseModel):
+class _Strict(Checked):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -161,7 +163,11 @@ class Config(StageConfig):
     def _files_are_valid(self) -> "Config":
         """Read every local benchmark file now: a malformed row is a config error, not a crash
         after hours of training. Missing files are allowed (reported per language)."""
-        from polyalign.stages.core.benchmarks import BenchmarkUnavailable, check_pool, load_rows
+        from polyalign.stages.core.benchmarks import (
+            BenchmarkUnavailable,
+            check_pool,
+            load_rows,
+        )
         from polyalign.stages.core.errors import UserError
 
         for name, bench in self.benchmarks.items():
@@ -182,15 +188,51 @@ class Config(StageConfig):
                             check_pool(s, len(rows), 0, lang)
                 except UserError as exc:
                     raise ValueError(f"benchmarks.{name}: {exc}") from None
-        if self.responses is not None and not _prompts_path(self.responses).is_file():
-            raise ValueError(f"responses.prompts: file {str(_prompts_path(self.responses))!r} does not exist")
-        if self.translation is not None:
-            try:
-                for lang in self.languages:
-                    _translation_files(self.translation, lang)
+        if self.responses is not None:
+            from polyalign.stages.core.io import read_jsonl_checked
+
+            prompts = _prompts_path(self.responses)
+            if not prompts.is_file():
+                raise ValueError(f"responses.prompts: file {str(prompts)!r} does not exist")
+            try:  # every row now: a bad one is a config error, not a failed unit after training
+                rows = read_jsonl_checked(prompts, {"id": str, "lang": str, "prompt": str})
             except UserError as exc:
-                raise ValueError(f"translation: {exc}") from None
+                raise ValueError(f"responses.prompts: {exc}") from None
+            empty = next((r["id"] for r in rows if not r["prompt"].strip()), None)
+            if empty is not None:
+                raise ValueError(f"responses.prompts: {prompts}: prompt {empty!r} is empty")
+        if self.translation is not None:
+            for lang in self.languages:
+                if lang == self.translation.source_lang:
+                    continue
+                try:
+                    translation_pairs(self.translation, lang)  # reads both files, compares their lines
+                except FileNotFoundError:
+                    continue  # a language without a test set is reported per language
+                except UserError as exc:
+                    raise ValueError(f"translation: {exc}") from None
         return self
+
+    def warnings(self) -> list[str]:
+        """What is valid but likely a mistake: a benchmark whose file template finds no file
+        for any evaluated language (a missing language is reported and the others run; none at
+        all is usually a wrong path)."""
+        from polyalign.stages.core.benchmarks import resolve_file
+
+        out = []
+        for name in self.benchmarks:
+            looked = []
+            for lang in self.languages:
+                s = settings(self, name, lang)
+                path = resolve_file(s.source, lang, s.split)
+                if path is None or s.source == "builtin" or path.is_file():
+                    break
+                looked.append(str(path))
+            else:
+                if looked:
+                    out.append(f"benchmarks.{name}.source: no file for any of its {len(looked)} languages "
+                               f"(looked for {looked[0]}, ...); it will be reported missing in every one")
+        return out
 
     def data_files(self) -> dict[str, str]:
         """Every local benchmark and test-set file: their content enters the fingerprint."""
@@ -294,7 +336,7 @@ def _translation_files(t: Translation, lang: str) -> dict[str, Path]:
 
     assert t.reference is not None
     return {
-        kind: Path(fill_template(template, kind, src=t.source_lang, lang=lang)).expanduser()
+        kind: expand_path(fill_template(template, kind, src=t.source_lang, lang=lang))
         for kind, template in (("source", t.source), ("reference", t.reference))
     }
 
@@ -342,7 +384,7 @@ def bleu_chrf(hyps: list[str], refs: list[str], lang: str) -> dict:
 def _prompts_path(r: Responses) -> Path:
     from polyalign.stages.core.io import builtin
 
-    return builtin("heldout_prompts.jsonl") if r.prompts == "builtin" else Path(r.prompts).expanduser()
+    return builtin("heldout_prompts.jsonl") if r.prompts == "builtin" else expand_path(r.prompts)
 
 
 def heldout_prompts(r: Responses, lang: str) -> list[dict]:
@@ -518,7 +560,8 @@ def _rank_against_base(
     """Win rate from pairwise rankings (variant vs base, the order shuffled per prompt)."""
     import random
 
-    from polyalign.stages.core.backends import Request, run as generate
+    from polyalign.stages.core.backends import Request
+    from polyalign.stages.core.backends import run as generate
     from polyalign.stages.core.judge import parse_ranking, rank_prompt
     from polyalign.stages.core.languages import LANGUAGE_NAMES
 

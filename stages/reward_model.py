@@ -91,7 +91,7 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     data = streamed_dataset([str(work / "train.jsonl")], "reward", work / "dataset_cache")
     sft_adapter = sft_model(inputs["policy"], stage="reward_model")
     model = load_causal_lm(path, [sft_adapter], inputs.model_dtype(cfg.model), num_labels=1)
-    peft = peft_config(cfg.lora, "SEQ_CLS")
+    peft = peft_config(cfg.lora, "SEQ_CLS", model, "reward_model.lora.target_modules")
     if cfg.trainable_layers:
         from polyalign.stages.core.errors import UserError
         from polyalign.stages.core.ppo import unfreeze_top_layers

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, data_file_field, model_field
+from polyalign.stages.core.contract import ArtifactWriter, Inputs
+from polyalign.stages.core.io import expand_path
 from polyalign.stages.core.tasks import BLOCKLIST
 
 VERSION = "5"
@@ -109,7 +109,7 @@ class Config(StageConfig):
     def _seed_file_is_valid(cls, value: str) -> str:
         from polyalign.stages.core.errors import UserError
 
-        if value != "builtin" and not Path(value).expanduser().is_file():
+        if value != "builtin" and not expand_path(value).is_file():
             raise ValueError(f"seed tasks file {value!r} does not exist")
         try:  # read it now: a bad row is a config error, not a crash halfway through a run
             load_seed_tasks(value)
@@ -124,16 +124,34 @@ class Config(StageConfig):
         return self
 
 
+# a seed task is shown in the teacher's prompts: one far longer than any real task is a mistake
+MAX_SEED_CHARS = 20_000
+
+
 def load_seed_tasks(spec: str) -> list[dict]:
     from polyalign.stages.core.io import builtin, read_jsonl_checked
 
     path = builtin("seed_tasks.jsonl") if spec == "builtin" else spec
+    from polyalign.stages.core.errors import UserError
+
     rows = read_jsonl_checked(path, {"instruction": str, "instances": list})
     for i, row in enumerate(rows, 1):
+        where = f"{path}: record {i}"
         if not row["instruction"].strip():
-            from polyalign.stages.core.errors import UserError
-
-            raise UserError(f"{path}: record {i}: field 'instruction' is empty")
+            raise UserError(f"{where}: field 'instruction' is empty")
+        if len(row["instruction"]) > MAX_SEED_CHARS:
+            raise UserError(f"{where}: field 'instruction' has {len(row['instruction']):,} characters "
+                            f"(at most {MAX_SEED_CHARS:,}: a seed task is shown in every prompt)")
+        for k, inst in enumerate(row["instances"], 1):
+            if not isinstance(inst, dict):
+                raise UserError(f"{where}: instance {k} is a {type(inst).__name__}, not an object with input and output")
+            for field in ("input", "output"):
+                value = inst.get(field, "")
+                if not isinstance(value, str):
+                    raise UserError(f"{where}: instance {k}: field {field!r} has type {type(value).__name__}, not text")
+                if len(value) > MAX_SEED_CHARS:
+                    raise UserError(f"{where}: instance {k}: field {field!r} has {len(value):,} characters "
+                                    f"(at most {MAX_SEED_CHARS:,})")
         row.setdefault("id", f"seed_{i}")
     return rows
 
@@ -181,7 +199,8 @@ def _instruction_reason(text: str, cfg: Config) -> str | None:
 def _alpaca_candidates(cfg: Config, lm: Any, seeds: list[dict], rng: random.Random, round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
     """One round of Alpaca requests: the parsed tasks in order (id, task), the items that did
     not parse (quarantine rows) and the replies."""
-    from polyalign.stages.core.backends import Request, request_seed, run as generate
+    from polyalign.stages.core.backends import Request, request_seed
+    from polyalign.stages.core.backends import run as generate
     from polyalign.stages.core.tasks import alpaca_prompt, alpaca_stop, parse_alpaca
 
     temperature, top_p = cfg.sampling
@@ -220,7 +239,8 @@ def _alpaca_candidates(cfg: Config, lm: Any, seeds: list[dict], rng: random.Rand
 def _single_candidates(cfg: Config, lm: Any, seed_texts: list[str], machine: list[str], rng: random.Random, round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
     """One round of one-instruction requests: (id, {"instruction"}) per reply in order, the
     truncated ones as quarantine rows, and the replies."""
-    from polyalign.stages.core.backends import Request, request_seed, run as generate
+    from polyalign.stages.core.backends import Request, request_seed
+    from polyalign.stages.core.backends import run as generate
 
     temperature, top_p = cfg.sampling
     requests = []
@@ -254,7 +274,8 @@ def _single_candidates(cfg: Config, lm: Any, seed_texts: list[str], machine: lis
 
 def _single_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[tuple[str, dict]], round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
     """The teacher writes one instance per surviving instruction (single method)."""
-    from polyalign.stages.core.backends import Request, run as generate
+    from polyalign.stages.core.backends import Request
+    from polyalign.stages.core.backends import run as generate
 
     shots_rng = random.Random(f"{cfg.seed}-{round_no}-shots")
     with_inst = [s for s in seeds if s["instances"]]
@@ -287,7 +308,8 @@ def _single_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[t
 def _si_candidates(cfg: Config, lm: Any, seed_texts: list[str], machine: list[str], rng: random.Random, round_no: int, journal: Any) -> tuple[list[tuple[str, dict]], list[dict], list[Any]]:
     """One round of Self-Instruct list requests: 8 in-context instructions each (machine ones
     as available, seeds for the rest), the model continues the numbered list."""
-    from polyalign.stages.core.backends import Request, request_seed, run as generate
+    from polyalign.stages.core.backends import Request, request_seed
+    from polyalign.stages.core.backends import run as generate
     from polyalign.stages.core.tasks import parse_si_list, si_list_prompt, si_list_stop
 
     temperature, top_p = cfg.sampling
@@ -318,8 +340,17 @@ def _si_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[tuple
     """Self-Instruct's second half for the instructions kept: is each a classification task
     (few-shot, greedy)? Then instances: output-first for classification, input-first
     otherwise; the instance filters; the first valid instance makes the record."""
-    from polyalign.stages.core.backends import Request, run as generate
-    from polyalign.stages.core.tasks import INSTANCE_STOP, clf_prompt, conflicting_inputs, instance_problem, instance_prompt, parse_clf, parse_instances
+    from polyalign.stages.core.backends import Request
+    from polyalign.stages.core.backends import run as generate
+    from polyalign.stages.core.tasks import (
+        INSTANCE_STOP,
+        clf_prompt,
+        conflicting_inputs,
+        instance_problem,
+        instance_prompt,
+        parse_clf,
+        parse_instances,
+    )
 
     rng = random.Random(f"{cfg.seed}-{round_no}-shots")
     labelled = [s for s in seeds if "is_classification" in s]
@@ -367,12 +398,11 @@ def _si_instances(cfg: Config, lm: Any, seeds: list[dict], survivors: list[tuple
 def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
     from collections import Counter
 
-    from polyalign.stages.core.progress import bar as progress_bar
-
     from polyalign.stages.core.backends import usage_of
     from polyalign.stages.core.cards import render_card
     from polyalign.stages.core.io import stable_unit
     from polyalign.stages.core.novelty import NoveltyFilter, rouge_tokens
+    from polyalign.stages.core.progress import bar as progress_bar
     from polyalign.stages.core.tasks import instance_problem
 
     seeds = load_seed_tasks(cfg.seed_tasks)

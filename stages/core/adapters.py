@@ -122,8 +122,23 @@ def resolve_placement(model: Any, placement: str, field: str = "sft.lora.placeme
     return names
 
 
+def check_target_modules(model: Any, targets: Any, field: str = "sft.lora.target_modules") -> Any:
+    """`targets` as given, once every name in a list names a module of `model` (peft matches a
+    name against the end of each module's dotted name); a one-line error listing the linear
+    modules of the decoder layers otherwise. 'all-linear' passes as it is."""
+    if not isinstance(targets, list):
+        return targets
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        listed = ", ".join(linear_modules(model)) or "none"
+        raise UserError(f"{field}: {', '.join(missing)} names no module of {type(model).__name__} "
+                        f"(linear modules of its decoder layers: {listed})")
+    return targets
+
+
 def _targets(p: SftPeftSettings, model: Any) -> Any:
-    return resolve_placement(model, p.placement) if p.placement else p.target_modules
+    return resolve_placement(model, p.placement) if p.placement else check_target_modules(model, p.target_modules)
 
 
 # ----------------------------------------------------------------------------- configs

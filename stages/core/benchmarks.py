@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from polyalign.stages.core.errors import UserError
+from polyalign.stages.core.io import expand_path
 
 TASKS = ("arc", "mmlu", "hellaswag", "mc")
 PROTOCOLS = ("okapi", "lm-eval")
@@ -190,7 +191,7 @@ def resolve_file(source: str, lang: str, split: str) -> Path | None:
         return builtin_path()
     if source.startswith("hf:"):
         return None
-    return Path(fill_template(source, "source", lang=lang, split=split)).expanduser()
+    return expand_path(fill_template(source, "source", lang=lang, split=split))
 
 
 def fill_template(template: str, what: str, **values: str) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from polyalign.stages.core.checked import Checked
+
 _RUNTIME = "polyalign_runtime"
 _MODEL_REF = "polyalign_model_ref"
 _REMOTE_OK = "polyalign_remote_ok"
@@ -43,7 +45,7 @@ def data_file_field(builtin: str, description: str) -> Any:
     return Field("builtin", description=description, json_schema_extra={_DATA_FILE: builtin})
 
 
-class StageConfig(BaseModel):
+class StageConfig(Checked):
     """Base of every stage config: strict keys, validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

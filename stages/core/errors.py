@@ -24,3 +24,25 @@ class CorruptPartialError(UserError):
 
 class StoreError(UserError):
     """The store root is unusable (not a folder, not writable, empty path)."""
+
+
+class PathError(UserError, ValueError):
+    """A path that cannot be resolved (`~name` of a user this machine does not have). A
+    ValueError too, so that inside a config validator pydantic reports it at its field."""
+
+
+_SECRET_NAME = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
+def redact(text: str) -> str:
+    """`text` with every secret it may hold masked: the values of environment variables whose
+    names say they are secrets (..._API_KEY, ..._TOKEN, ...), bearer tokens and `sk-` keys.
+    For error messages, logs and crash reports."""
+    import os
+    import re
+
+    for name, value in os.environ.items():
+        if len(value) >= 8 and any(part in name.upper() for part in _SECRET_NAME) and value in text:
+            text = text.replace(value, f"<{name}>")
+    text = re.sub(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}", r"\1<redacted>", text)
+    return re.sub(r"\bsk-[A-Za-z0-9_-]{16,}", "sk-<redacted>", text)

@@ -25,10 +25,12 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from polyalign.stages.core.checked import Checked
 from polyalign.stages.core.errors import ConfigError
 from polyalign.stages.core.fingerprint import file_digest, fingerprint
+from polyalign.stages.core.io import expand_path
 
 MODELS_ENV = "POLYALIGN_MODELS"
 TINY_RECIPE_VERSION = "1"
@@ -63,7 +65,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class TinySpec(BaseModel):
+class TinySpec(Checked):
     """A tiny Llama-architecture model with random weights (tests and CI only)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -80,7 +82,7 @@ class TinySpec(BaseModel):
         return self
 
 
-class Price(BaseModel):
+class Price(Checked):
     """What an API charges, in any currency unit per million tokens (for the cost metric)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -88,7 +90,7 @@ class Price(BaseModel):
     output_per_million: float = Field(0.0, ge=0, description="Price of one million completion tokens.")
 
 
-class OpenAISpec(BaseModel):
+class OpenAISpec(Checked):
     """A model served by an OpenAI-compatible HTTP server. None of these fields changes what the
     model is (its fingerprint identity is `model` plus the entry's `revision`)."""
 
@@ -133,7 +135,7 @@ class OpenAISpec(BaseModel):
         return value
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Checked):
     """One entry of the `models:` table; exactly one source field is set."""
 
     model_config = ConfigDict(extra="forbid")
@@ -202,7 +204,7 @@ def unpinned_warning(name: str, spec: ModelSpec) -> str | None:
 def models_dir(configured: str | None = None) -> Path:
     """Where prepared and tiny models live: config, $POLYALIGN_MODELS, ~/.cache/polyalign/models."""
     root = configured or os.environ.get(MODELS_ENV) or "~/.cache/polyalign/models"
-    return Path(root).expanduser()
+    return expand_path(root)
 
 
 def tiny_dirname(spec: TinySpec) -> str:
@@ -212,7 +214,7 @@ def tiny_dirname(spec: TinySpec) -> str:
 def local_dir(spec: ModelSpec, root: Path) -> Path | None:
     """The folder a spec loads from, or None for hub and API models."""
     if spec.path is not None:
-        return Path(spec.path).expanduser()
+        return expand_path(spec.path)
     if spec.prepared is not None:
         return root / spec.prepared
     if spec.tiny is not None:
@@ -233,8 +235,16 @@ def check_available(name: str, spec: ModelSpec, root: Path) -> None:
             f"{where}.backend: vllm is not installed here (`pip install vllm` on a CUDA machine); "
             "or start `vllm serve MODEL` and use `openai: {base_url: http://HOST:8000/v1, model: MODEL}`"
         )
-    if spec.path is not None and not Path(spec.path).expanduser().is_dir():
-        raise ConfigError(f"{where}.path: model folder {spec.path!r} does not exist")
+    if spec.path is not None:
+        try:
+            folder = expand_path(spec.path)
+        except ValueError as exc:  # PathError: an unknown ~user
+            raise ConfigError(f"{where}.path: {exc}") from None
+        if not folder.is_dir():
+            raise ConfigError(f"{where}.path: model folder {spec.path!r} does not exist")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{where}.path: {spec.path!r} has no config.json, so it is not a Hugging Face model "
+                              "folder (save one with save_pretrained, or point at the folder that holds config.json)")
     if spec.prepared is not None:
         target = root / spec.prepared
         recipe = PREPARED_RECIPES[spec.prepared]
@@ -303,7 +313,7 @@ def _weights_identity(spec: ModelSpec, root: Path) -> str:
             except metadata.PackageNotFoundError:
                 version = "unknown"
         return f"prepared:{spec.prepared}:{recipe['package']}=={version}:v{PREPARE_RECIPE_VERSION}"
-    folder = Path(spec.path).expanduser()  # type: ignore[arg-type]
+    folder = expand_path(spec.path)  # type: ignore[arg-type]
     if not folder.is_dir():
         raise ConfigError(f"model folder {spec.path!r} does not exist")
     return _folder_identity(folder)

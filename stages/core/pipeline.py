@@ -27,20 +27,97 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from polyalign.stages import REGISTRY, load_stage
+from polyalign.stages.core.checked import Checked
 from polyalign.stages.core.config import StageConfig
 from polyalign.stages.core.errors import ConfigError, StoreError
-from polyalign.stages.core.fingerprint import UnhashableError, file_digest, stage_fingerprint
-from polyalign.stages.core.model_specs import ModelSpec, check_available, identity, models_dir
+from polyalign.stages.core.fingerprint import (
+    UnhashableError,
+    file_digest,
+    stage_fingerprint,
+)
+from polyalign.stages.core.model_specs import (
+    ModelSpec,
+    check_available,
+    identity,
+    models_dir,
+)
 from polyalign.stages.core.store import STORE_ENV, Store, open_store
 
-
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# deeper than any config needs, shallow enough that validation never nears Python's recursion limit
+MAX_DEPTH = 32
 
 
-class ScheduleSpec(BaseModel):
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently: a second `sft:` would drop every setting of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}  # key -> where it was first given
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then a key of its own is YAML's way to override
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:  # an unhashable key: the base constructor says so
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, what: str) -> Any:
+    """Parse YAML strictly (duplicate keys refused) into plain data no deeper than MAX_DEPTH;
+    ConfigError with one line naming `what` otherwise."""
+    try:
+        value = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what}:{where} invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested deeper than YAML can be read here (at most {MAX_DEPTH} levels)") from None
+    depth, path = _depth(value)
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{what}: nested more than {MAX_DEPTH} levels deep at {path or 'the top'}")
+    return value
+
+
+def _depth(value: Any) -> tuple[int, str]:
+    """(levels of nesting, the dotted path to the deepest point), without recursion; the walk
+    stops one level past MAX_DEPTH."""
+    best, where = 0, ""
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
+    while stack:
+        item, level, path = stack.pop()
+        if isinstance(item, dict):
+            children = [(v, f"{path}.{k}" if path else str(k)) for k, v in item.items()]
+        elif isinstance(item, list):
+            children = [(v, f"{path}[{i}]") for i, v in enumerate(item)]
+        else:
+            continue
+        if level + 1 > best:
+            best, where = level + 1, path
+        if level + 1 <= MAX_DEPTH:
+            stack.extend((v, level + 1, p) for v, p in children)
+    return best, where
+
+
+class ScheduleSpec(Checked):
     """The default schedule of the pipeline's deployment (`polyalign serve`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -67,7 +144,7 @@ class ScheduleSpec(BaseModel):
         return self
 
 
-class RetrySpec(BaseModel):
+class RetrySpec(Checked):
     """Prefect task retries of a failed flow run's tasks (a user error is never retried)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -77,7 +154,7 @@ class RetrySpec(BaseModel):
     delay_seconds: float = Field(10, ge=0, description="Wait before each retry.")
 
 
-class TaskRunnerSpec(BaseModel):
+class TaskRunnerSpec(Checked):
     """Where a flow run's stage and unit tasks execute. thread: threads of the flow's process;
     dask or ray: an existing engine's workers (the extras polyalign[dask] or polyalign[ray]).
     On those, a worker runs each task in its own process, so `concurrency` and the one-training-
@@ -91,7 +168,7 @@ class TaskRunnerSpec(BaseModel):
     workers: int | None = Field(None, gt=0, description="Workers of the local cluster (dask: n_workers; ray: num_cpus).")
 
 
-class PipelineHeader(BaseModel):
+class PipelineHeader(Checked):
     """Top-level keys of a pipeline YAML (the `stages:` table is validated per stage)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -103,10 +180,17 @@ class PipelineHeader(BaseModel):
     )
     languages: list[str] = Field(default_factory=list, description="Default target languages.")
     models: dict[str, ModelSpec] = Field(default_factory=dict, description="Named models.")
-    stages: dict[str, dict[str, Any]] = Field(..., description="Stage name -> stage entry.")
+    stages: dict[str, dict[str, Any]] = Field(..., description="Stage name -> stage entry (at least one).")
     schedule: ScheduleSpec | None = Field(None, description="Default schedule of the deployment `polyalign serve` makes.")
     retries: RetrySpec = Field(default_factory=RetrySpec, description="Task retries in a flow run.")
     task_runner: TaskRunnerSpec = Field(default_factory=TaskRunnerSpec, description="Where the tasks of a flow run execute.")
+
+    @field_validator("stages")
+    @classmethod
+    def _some_stages(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("no stages: name at least one (e.g. self_instruct: {teacher: ...})")
+        return v
 
     @field_validator("task_runner", mode="before")
     @classmethod
@@ -202,10 +286,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value_text = item.split("=", 1)
         key = key.strip()
-        try:
-            value = yaml.safe_load(value_text) if value_text.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {value_text!r} ({exc})") from exc
+        value = read_yaml(value_text, f"--set {key}") if value_text.strip() else ""
         head = key.split(".", 1)[0]
         if head in (raw.get("stages") or {}) and head not in PipelineHeader.model_fields:
             key = "stages." + key
@@ -246,6 +327,15 @@ class Pipeline:
             path: identity(self.header.models[name], self.models_root)
             for path, name in node.config.model_refs().items()
         }
+
+    def warnings(self) -> list[str]:
+        """One line per setting that is valid but likely a mistake (the stages' own `warnings`)."""
+        out = []
+        for name, node in self.nodes.items():
+            check = getattr(node.config, "warnings", None)
+            if callable(check):
+                out += [f"stages.{name}.{line}" for line in check()]
+        return out
 
     def fingerprints(self) -> dict[str, str]:
         if self._fps is None:
@@ -334,6 +424,39 @@ def _topological(stages: dict[str, Any]) -> list[str]:
     return order
 
 
+# the stage types whose artifact each input takes: an edge to another type is a config error
+PRODUCERS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("translate", "data"): ("self_instruct",),
+    ("sft", "data"): ("translate", "self_instruct"),
+    ("preferences", "data"): ("translate", "self_instruct"),
+    ("preferences", "policy"): ("sft",),
+    ("reward_model", "pairs"): ("preferences",),
+    ("reward_model", "policy"): ("sft",),
+    ("align", "pairs"): ("preferences",),
+    ("align", "policy"): ("sft",),
+    ("align", "reward_model"): ("reward_model",),
+    ("align", "prompts"): ("translate", "self_instruct"),
+    ("evaluate", "sft"): ("sft",),
+    ("evaluate", "aligned"): ("align",),
+    ("evaluate", "reward_model"): ("reward_model",),
+}
+
+
+def _check_languages_produced(where: str, cfg: Any, data: "StageNode") -> None:
+    """A stage that picks languages out of its data input asks only for languages that input
+    has (else it would train or sample on fewer languages than asked, without a word)."""
+    if data.type == "translate":
+        produced = set(getattr(data.config, "languages", ())) | ({"en"} if getattr(data.config, "keep_source", True) else set())
+    else:  # self_instruct writes English
+        produced = {"en"}
+    missing = [lang for lang in cfg.languages if lang not in produced]
+    if missing:
+        raise ConfigError(
+            f"{where}.languages: {', '.join(missing)} not in the records of {data.name!r} "
+            f"(it has {', '.join(sorted(produced))}); add them to {data.name}.languages or drop them here"
+        )
+
+
 def load_pipeline(
     path: str | os.PathLike[str],
     overrides: list[str] | None = None,
@@ -345,11 +468,15 @@ def load_pipeline(
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          "save the config as UTF-8") from None
+    raw = read_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     apply_overrides(raw, overrides or [])
@@ -385,6 +512,12 @@ def load_pipeline(
                 )
             if upstream not in nodes:
                 raise ConfigError(f"{where}.inputs.{input_name}: {upstream!r} is not a stage")
+            allowed = PRODUCERS.get((stage_type, input_name))
+            if allowed and nodes[upstream].type not in allowed:
+                raise ConfigError(
+                    f"{where}.inputs.{input_name}: {upstream!r} is a {nodes[upstream].type} stage; "
+                    f"{stage_type}'s {input_name} takes the artifact of {' or '.join(allowed)}"
+                )
         for required in module.INPUTS:
             if required not in inputs:
                 raise ConfigError(f"{where}.inputs: missing required input {required!r}")
@@ -404,6 +537,8 @@ def load_pipeline(
                     f"{where}.{field_path}: models.{model_name} is served over HTTP (openai), but this "
                     "field needs local weights (training, adapters or log-likelihoods); name a local model"
                 )
+        if stage_type in ("sft", "preferences") and getattr(cfg, "languages", None):
+            _check_languages_produced(where, cfg, nodes[inputs["data"]])
         check_config = getattr(module, "check_config", None)
         if check_config is not None:  # settings that depend on models or inputs
             problem = check_config(cfg, header.models, set(inputs))

@@ -32,8 +32,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from polyalign.stages.core.errors import CorruptArtifactError, CorruptPartialError, StoreError
+from polyalign.stages.core.errors import (
+    CorruptArtifactError,
+    CorruptPartialError,
+    StoreError,
+)
 from polyalign.stages.core.fingerprint import file_digest
+from polyalign.stages.core.io import expand_path
 
 MANIFEST = "manifest.json"
 STORE_ENV = "POLYALIGN_STORE"
@@ -456,6 +461,33 @@ def open_store(root: str | os.PathLike[str], config: str | None = None, override
     return Store(root, config, overrides)
 
 
+
+# kernel and virtual file systems: a folder there cannot hold a store (and `status` must not
+# report an empty one there as "missing")
+_PSEUDO = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+           "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs", "binfmt_misc", "autofs", "efivarfs"}
+
+
+def pseudo_file_system(path: Path) -> str | None:
+    """The type of the file system `path` (or, if it does not exist, its nearest existing
+    folder) is on, when that is one of the kernel's virtual ones; None otherwise or where
+    the mount table cannot be read."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, parts[2]
+    return kind if kind in _PSEUDO else None
+
 class Store:
     """A local folder of artifacts (`RemoteStore` adds an object store behind one).
 
@@ -466,7 +498,7 @@ class Store:
     def __init__(self, root: str | os.PathLike[str], config: str | None = None, overrides: Sequence[str] = ()):
         if not str(root).strip():
             raise StoreError("store: empty path (give a folder with --store, $POLYALIGN_STORE or `store:`)")
-        self.root = Path(root).expanduser()
+        self.root = expand_path(root)
         self.config = config
         self.overrides = list(overrides)
 
@@ -506,9 +538,13 @@ class Store:
         )
 
     def check_root(self, writable: bool) -> None:
-        """A one-line StoreError unless the root is a folder (and, to write, a writable one)."""
+        """A one-line StoreError unless the root is a folder (and, to write, a writable one),
+        on a file system that holds files (not /proc, /sys, /dev and their kind)."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root}: exists and is not a folder")
+        kind = pseudo_file_system(self.root)
+        if kind:
+            raise StoreError(f"store {self.root}: on a {kind} file system, which holds no files; choose another folder")
         if not writable:
             return
         try:

@@ -4,38 +4,57 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from polyalign.stages.core.checked import Checked
 
 Reporter = Literal["tensorboard", "wandb", "mlflow"]
+# transformers' schedulers that need no settings beyond warmup and the number of steps
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt"]
+# larger than the width of any model; a rank beyond the width adds nothing
+MAX_RANK = 16384
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 
-class PeftSettings(BaseModel):
+class PeftSettings(Checked):
     """Parameter-efficient fine-tuning settings (LoRA and DoRA through peft)."""
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["lora", "dora", "full"] = Field(
         "lora", description="lora; dora (weight-decomposed LoRA); full (every weight, no adapter)."
     )
-    r: int = Field(16, gt=0, description="Rank of the adapter matrices.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    r: int = Field(16, gt=0, le=MAX_RANK, description="Rank of the adapter matrices.")
+    alpha: int = Field(32, gt=0, le=1_000_000, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules that get adapters ('all-linear' or a list of names)."
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list adapts nothing; name modules or use 'all-linear'")
+            bad = [name for name in value if not _MODULE_NAME.match(name)]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a module name (letters, digits, '_' and '.', e.g. q_proj)")
+        return value
 
-class TrainSettings(BaseModel):
+
+class TrainSettings(Checked):
     """Optimisation settings shared by SFT, reward modelling and DPO."""
 
     model_config = ConfigDict(extra="forbid")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    max_steps: int = Field(-1, description="Optimizer steps; -1 means num_epochs decides.")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 means num_epochs decides.")
     num_epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is -1.")
     batch_size: int = Field(4, gt=0, description="Sequences per device per step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -44,7 +63,7 @@ class TrainSettings(BaseModel):
         0.03, ge=0, description="Warmup: a share of the steps if below 1, else a number of steps."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup (transformers' schedulers).")
     seed: int = Field(42, description="Seed of data order and adapter init.")
     report_to: list[Reporter] = Field(
         default_factory=lambda: list[Reporter](["tensorboard"]),
@@ -52,6 +71,13 @@ class TrainSettings(BaseModel):
         "wandb, mlflow (installed and configured by you); [] for none.",
         json_schema_extra={"polyalign_runtime": True},
     )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps trains nothing; a positive number, or -1 to let num_epochs decide")
+        return value
 
     @field_validator("report_to")
     @classmethod
@@ -64,12 +90,17 @@ class TrainSettings(BaseModel):
         return value
 
 
-def peft_config(p: PeftSettings, task_type: str) -> Any:
-    """A peft LoraConfig, or None for full fine-tuning."""
+def peft_config(p: PeftSettings, task_type: str, model: Any = None, field: str = "lora.target_modules") -> Any:
+    """A peft LoraConfig, or None for full fine-tuning. Given the `model`, named target
+    modules it does not have are a one-line error before training."""
     if p.method == "full":
         return None
     from peft import LoraConfig
 
+    if model is not None:
+        from polyalign.stages.core.adapters import check_target_modules
+
+        check_target_modules(model, p.target_modules, field)
     return LoraConfig(
         r=p.r,
         lora_alpha=p.alpha,
