@@ -74,6 +74,13 @@ def polyalign_pipeline(
     return run_pipeline(config, set_items(overrides), until, store, max(1, int(concurrency)))
 
 
+def runner_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The settings `polyalign serve` adds to the environment before Prefect's runner starts:
+    the runner's own web server (health checks, when PREFECT_RUNNER_SERVER_ENABLE is set)
+    listens on 127.0.0.1 unless the user chose a host."""
+    return {"PREFECT_RUNNER_SERVER_HOST": environ.get("PREFECT_RUNNER_SERVER_HOST") or "127.0.0.1"}
+
+
 def deployment(config_path: str, pipeline: Pipeline, name: str, plan: list[Any]) -> Any:
     """The runner deployment of one config: its path frozen, `until` offered as a choice of
     the pipeline's stages."""

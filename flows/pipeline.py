@@ -27,7 +27,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from polyalign.stages.core import progress, runner
-from polyalign.stages.core.errors import UserError
+from polyalign.stages.core.errors import UserError, redact
 from polyalign.stages.core.pipeline import Pipeline, load_pipeline
 
 
@@ -124,7 +124,7 @@ def _stage(config: str, overrides: list[str], store: str | None, stage: str) -> 
             _publish(pipeline, stage, hit, True)
             return Completed(name="Cached", message=f"{stage}: reused artifact {hit.fingerprint[:12]}", data=hit.manifest.get("summary", ""))
     except UserError as exc:
-        return Failed(message=USER_ERROR + str(exc))
+        return Failed(message=USER_ERROR + redact(str(exc)))
     _publish(pipeline, stage, art, False)
     return art.manifest.get("summary", "")
 
@@ -137,7 +137,7 @@ def unit_task(config: str, overrides: list[str], store: str | None, stage: str, 
             with _progress_sink(_artifact_key(pipeline, f"{stage}-{unit}-progress"), f"polyalign {stage}[{unit}]: progress"):
                 runner.run_unit(pipeline, stage, unit)
         except UserError as exc:
-            return Failed(message=USER_ERROR + str(exc))
+            return Failed(message=USER_ERROR + redact(str(exc)))
         return unit
 
 
@@ -240,8 +240,8 @@ def run_pipeline(config: str, overrides: list[str], until: str | None, store: st
                 reasons = "; ".join(f"{u}: {(st.message or st.name).removeprefix(USER_ERROR)}" for u, st in failed.items())
                 message = f"stage {stage}: units {list(failed)} failed ({reasons}); {done} finished and are kept"
                 if all((st.message or "").startswith(USER_ERROR) for st in failed.values()):
-                    return Failed(message=USER_ERROR + message)
-                raise UnitsFailed(message)
+                    return Failed(message=USER_ERROR + redact(message))
+                raise UnitsFailed(redact(message))
             if not state.is_completed():
                 if (state.message or "").startswith(USER_ERROR):
                     return Failed(message=state.message)
@@ -251,7 +251,7 @@ def run_pipeline(config: str, overrides: list[str], until: str | None, store: st
             states[stage] = state.name
         _summary_artifact(pipeline, list(states), states)
     except UserError as exc:
-        return Failed(message=USER_ERROR + str(exc))
+        return Failed(message=USER_ERROR + redact(str(exc)))
     finally:
         _SLOTS.pop(slots, None)
     return states

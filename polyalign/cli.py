@@ -314,6 +314,9 @@ def serve(
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from polyalign.flows.deploy import runner_environment
+
+    os.environ.update(runner_environment(dict(os.environ)))  # before Prefect reads its settings
     url = _api_reachable()
     from prefect import serve as prefect_serve
 

@@ -216,6 +216,7 @@ def _train(cfg: Config, inputs: Inputs, out: ArtifactWriter, files: list[str], w
     from polyalign.stages.core import adapters
     from polyalign.stages.core.errors import UserError
     from polyalign.stages.core.loading import LOADING, load_causal_lm, load_tokenizer, torch_dtype
+    from polyalign.stages.core.model_specs import load_kwargs
     from polyalign.stages.core.training import train_resumable, trainer_kwargs
 
     # only the files of the languages trained on are opened; records are streamed from them
@@ -264,7 +265,8 @@ def _train(cfg: Config, inputs: Inputs, out: ArtifactWriter, files: list[str], w
 
         with LOADING:
             model = AutoModelForCausalLM.from_pretrained(
-                path, quantization_config=adapters.quantization_config(), dtype=torch_dtype(inputs.model_dtype(cfg.model))
+                path, quantization_config=adapters.quantization_config(), dtype=torch_dtype(inputs.model_dtype(cfg.model)),
+                **load_kwargs(path),
             )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:

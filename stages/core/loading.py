@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from polyalign.stages.core.model_specs import DEFAULT_CHAT_TEMPLATE
+from polyalign.stages.core.model_specs import DEFAULT_CHAT_TEMPLATE, load_kwargs
 from polyalign.stages.core.virtual import PROMPT_TYPES
 
 # Loading a model is not thread-safe: transformers builds it on the meta device by patching
@@ -79,7 +79,7 @@ def output_cache(out: Any) -> Any:
 def load_tokenizer(path: str, padding_side: str = "left") -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=load_kwargs(path)["trust_remote_code"])
     tok.padding_side = padding_side
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -132,10 +132,10 @@ def _load_causal_lm(path: str, adapters: Sequence[str] | None, dtype: str, num_l
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if num_labels is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **load_kwargs(path))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch_dtype(dtype), num_labels=num_labels
+            path, dtype=torch_dtype(dtype), num_labels=num_labels, **load_kwargs(path)
         )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = load_tokenizer(path).pad_token_id
@@ -146,7 +146,7 @@ def _load_causal_lm(path: str, adapters: Sequence[str] | None, dtype: str, num_l
             # a fully fine-tuned model: it replaces what was loaded so far
             cls = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
             extra = {} if num_labels is None else {"num_labels": num_labels}
-            model = cls.from_pretrained(adapter, dtype=torch_dtype(dtype), **extra)
+            model = cls.from_pretrained(adapter, dtype=torch_dtype(dtype), **extra, **load_kwargs(adapter))
             continue
         check_mergeable(adapter)
         config = PeftConfig.from_pretrained(adapter)

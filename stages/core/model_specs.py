@@ -155,6 +155,12 @@ class ModelSpec(Checked):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype when loading (auto: float32 on CPU, bfloat16 on GPU)."
     )
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code the model ships (auto_map in its config.json). It runs with your "
+        "permissions: only for a model whose code you have read. Recorded in the artifacts' cards.")
+    allow_pickle: bool = Field(
+        False, description="Load weights saved as pickle files (.bin, .pt, .pth), which can run code when loaded. "
+        "Default: safetensors only. Recorded in the artifacts' cards.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -182,6 +188,57 @@ class ModelSpec(Checked):
 
 
 SOURCES = ("path", "hub", "prepared", "tiny", "openai")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# resolved model path or hub id -> (trust_remote_code, allow_pickle) of the entry it came
+# from (`register_policy`, called where entries are resolved); anything else loads with neither
+_POLICY: dict[str, tuple[bool, bool]] = {}
+
+
+def register_policy(path: str, spec: ModelSpec) -> None:
+    _POLICY[str(path)] = (spec.trust_remote_code, spec.allow_pickle)
+
+
+def opted_in(spec: ModelSpec) -> list[str]:
+    """The permissions an entry grants beyond the defaults (for cards and manifests)."""
+    return [flag for flag in ("trust_remote_code", "allow_pickle") if getattr(spec, flag)]
+
+
+def folder_problem(folder: Path, trust_remote_code: bool, allow_pickle: bool) -> str | None:
+    """Why a local model folder must not be loaded under these permissions, or None."""
+    config = folder / "config.json"
+    if not trust_remote_code and config.is_file():
+        try:
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            auto_map = None
+        if auto_map:
+            code = sorted({str(v).split(".")[0] + ".py" for v in (auto_map.values() if isinstance(auto_map, dict) else [])})
+            return (f"{folder} ships its own model code ({', '.join(code) or 'auto_map'} in config.json's auto_map); "
+                    "polyalign runs it only with trust_remote_code: true in this model's entry")
+    if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            return (f"{folder} holds its weights as pickle files ({', '.join(pickled[:3])}), which can run code when "
+                    "loaded; convert them to safetensors, or set allow_pickle: true in this model's entry")
+    return None
+
+
+def load_kwargs(path: str) -> dict[str, object]:
+    """Keyword arguments of `from_pretrained` for `path` under the permissions of the entry it
+    was resolved from; a one-line UserError when a local folder needs one it was not given."""
+    from polyalign.stages.core.errors import UserError
+
+    trust, pickle = _POLICY.get(str(path), (False, False))
+    folder = Path(path)
+    if folder.is_dir():
+        problem = folder_problem(folder, trust, pickle)
+        if problem:
+            raise UserError(problem)
+    kwargs: dict[str, object] = {"trust_remote_code": trust}
+    if not pickle:
+        kwargs["use_safetensors"] = True
+    return kwargs
 
 
 def unpinned_warning(name: str, spec: ModelSpec) -> str | None:
@@ -245,6 +302,9 @@ def check_available(name: str, spec: ModelSpec, root: Path) -> None:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{where}.path: {spec.path!r} has no config.json, so it is not a Hugging Face model "
                               "folder (save one with save_pretrained, or point at the folder that holds config.json)")
+        problem = folder_problem(folder, spec.trust_remote_code, spec.allow_pickle)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
     if spec.prepared is not None:
         target = root / spec.prepared
         recipe = PREPARED_RECIPES[spec.prepared]

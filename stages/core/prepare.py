@@ -22,6 +22,7 @@ from polyalign.stages.core.model_specs import (
     ModelSpec,
     TinySpec,
     local_dir,
+    register_policy,
 )
 
 
@@ -44,11 +45,13 @@ def _is_ready(spec: ModelSpec, target: Path) -> bool:
 def ensure_model(spec: ModelSpec, root: Path) -> str:
     """Return a path or hub id that `from_pretrained` can load, building it if needed."""
     if spec.hub is not None:
+        register_policy(spec.hub, spec)
         return spec.hub
     if spec.openai is not None:
         raise ConfigError(f"API model {spec.openai.model!r} has no local weights to load")
     target = local_dir(spec, root)
     assert target is not None
+    register_policy(str(target), spec)
     if _is_ready(spec, target):
         return str(target)
     with _build_lock:

@@ -21,6 +21,7 @@ from polyalign.stages.core.contract import Inputs, is_fan_out, run_module
 from polyalign.stages.core.errors import MissingInputError
 from polyalign.stages.core.loading import release_models
 from polyalign.stages.core.pipeline import Pipeline
+from polyalign.stages.core.model_specs import opted_in
 from polyalign.stages.core.prepare import ensure_model
 from polyalign.stages.core.store import Artifact, ArtifactWriter, atomic_write_json
 
@@ -96,6 +97,10 @@ def _prepare(pipeline: Pipeline, stage: str) -> tuple[Any, Inputs, ArtifactWrite
     inputs = stage_inputs(pipeline, stage)
     writer = pipeline.store.writer(stage, pipeline.fingerprints()[stage])
     writer.models = pipeline.model_identities(node)
+    for field_path, model_name in node.config.model_refs().items():  # permissions beyond the defaults, in the card
+        granted = opted_in(pipeline.header.models[model_name])
+        if granted and field_path in writer.models:
+            writer.models[field_path] += f" ({', '.join(granted)}: true)"
     return node, inputs, writer
 
 

@@ -115,6 +115,7 @@ _lock = threading.Lock()
 def load_seq2seq(path: str, dtype: str) -> Any:
     """A sequence-to-sequence model, loaded once per process and shared by every thread."""
     from polyalign.stages.core.loading import LOADING, device, torch_dtype
+    from polyalign.stages.core.model_specs import load_kwargs
 
     key = (path, dtype)
     with _lock:
@@ -123,7 +124,7 @@ def load_seq2seq(path: str, dtype: str) -> Any:
 
             try:
                 with LOADING:  # see core.loading: loads are not thread-safe
-                    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch_dtype(dtype))
+                    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch_dtype(dtype), **load_kwargs(path))
             except ValueError as exc:  # a causal LM, say
                 raise GenerationError(f"backend mt: {path} is not a sequence-to-sequence model ({str(exc).splitlines()[0][:160]})") from None
             model.to(device())
@@ -216,8 +217,11 @@ def open_mt(name: str, path: str, dtype: str, source: str, target: str, declared
     """An `MTBackend` for models entry `name` (weights at `path`) translating source -> target."""
     from transformers import AutoConfig, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)  # one per backend: src_lang is tokenizer state
-    config = AutoConfig.from_pretrained(path)
+    from polyalign.stages.core.model_specs import load_kwargs
+
+    trust = load_kwargs(path)["trust_remote_code"]
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)  # one per backend: src_lang is tokenizer state
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     vocab = set(tok.get_vocab()) | set(getattr(tok, "lang_token_to_id", {}))  # M2M100 keeps its codes apart
     how = direction(vocab, config.model_type, source, target, name, declared)
     yield MTBackend(load_seq2seq(path, dtype), tok, how, name=name, batch_size=batch_size, num_beams=num_beams, progress=progress)
