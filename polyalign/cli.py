@@ -27,9 +27,22 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Artifact store
 ConfigArg = Annotated[str, typer.Argument(help="Pipeline YAML, e.g. configs/tiny.yaml.")]
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error cut short, so that the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001, S110 - a bar that cannot close is no reason to hide the error
+            pass
+
+
 def _fail(message: str, code: int = 2) -> None:
     from polyalign.stages.core.errors import redact
 
+    _end_progress_bars()
     typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(code)
 
@@ -567,11 +580,13 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
+        _end_progress_bars()
         typer.echo(f"error: {redact(str(exc))}", err=True)
         sys.exit(2)
     except Exception as exc:  # the last resort: one line and the log path, never a bare traceback
         if os.environ.get("POLYALIGN_DEBUG"):
             raise
+        _end_progress_bars()
         log = _crash_log(exc)
         first = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
         where = f"the traceback is in {log}" if log else "set POLYALIGN_DEBUG=1 for the traceback"

@@ -46,3 +46,8 @@ def redact(text: str) -> str:
             text = text.replace(value, f"<{name}>")
     text = re.sub(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}", r"\1<redacted>", text)
     return re.sub(r"\bsk-[A-Za-z0-9_-]{16,}", "sk-<redacted>", text)
+
+
+class StorageFault(UserError):
+    """The disk under the store failed a write (full, over quota, read-only, I/O error). Not a
+    bug: the work finished so far is kept and a rerun resumes from it once the disk is fixed."""

@@ -8,17 +8,20 @@ concurrent tasks, and `run_stage` runs them one after another.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import platform
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from polyalign.stages.core.contract import Inputs, is_fan_out, run_module
-from polyalign.stages.core.errors import MissingInputError
+from polyalign.stages.core.errors import MissingInputError, StorageFault, UserError
 from polyalign.stages.core.loading import release_models
 from polyalign.stages.core.pipeline import Pipeline
 from polyalign.stages.core.model_specs import opted_in
@@ -142,6 +145,51 @@ def injected_fault(name: str) -> None:
         raise RuntimeError(f"fault injected into {name} (POLYALIGN_INJECT_FAULT)")
 
 
+# errors of the disk, not of polyalign: the stage stops with one line and keeps what it finished
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EIO: "the disk reported an I/O error", errno.EROFS: "the file system is read-only",
+                errno.EFBIG: "a file grew past the file system's limit"}
+# libraries that write through C (torch.save, safetensors) report these as text, not as errno
+_DISK_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+               "Input/output error": errno.EIO, "Read-only file system": errno.EROFS}
+
+
+def disk_fault(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, the file named) when `exc`, or an exception it was raised from, is a failed
+    write of the disk; None for anything else."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, OSError) and current.errno in _DISK_ERRNOS:
+            return current.errno, current.filename
+        text = str(current)
+        for needle, code in _DISK_TEXTS.items():
+            if needle in text:
+                return code, None
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+@contextlib.contextmanager
+def storage_faults(pipeline: Pipeline, what: str) -> Iterator[None]:
+    """Turn a failed write of the disk during `what` into a one-line StorageFault."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        fault = disk_fault(exc)
+        if fault is None:
+            raise
+        code, filename = fault
+        where = f" writing {filename}" if filename else ""
+        raise StorageFault(
+            f"{what}: {_DISK_ERRNOS[code]} ({errno.errorcode[code]}){where}, store {pipeline.store.location}; "
+            "what finished is kept: fix the disk and rerun to resume"
+        ) from exc
+
+
 def run_unit(pipeline: Pipeline, stage: str, unit: str) -> bool:
     """Run one fan-out unit of a stage into its partial folder (resumable, idempotent).
 
@@ -151,7 +199,8 @@ def run_unit(pipeline: Pipeline, stage: str, unit: str) -> bool:
     with pipeline.store.lock(stage, fp, unit):
         if pipeline.store.has_final(stage, fp) or pipeline.store.partial_dir(stage, fp).joinpath("_units", f"{unit}.json").is_file():
             return False
-        _run_unit_locked(pipeline, stage, unit)
+        with storage_faults(pipeline, f"stage {stage}[{unit}]"):
+            _run_unit_locked(pipeline, stage, unit)
         return True
 
 
@@ -187,7 +236,8 @@ def finish_or_reuse(pipeline: Pipeline, stage: str) -> tuple[Artifact, bool]:
         if pipeline.store.promote_partial(stage, fp, pipeline.nodes[stage].module.OUTPUTS):
             return pipeline.store.open(stage, fp), True
         injected_fault(stage)
-        return _finish_locked(pipeline, stage), True
+        with storage_faults(pipeline, f"stage {stage}"):
+            return _finish_locked(pipeline, stage), True
 
 
 ATTEMPTS = ".attempts.json"  # in the work folder: when each run of the finish step started (and ended)
