@@ -18,7 +18,7 @@ from polyalign.stages.core.contract import ArtifactWriter, Inputs
 from polyalign.stages.core.config import StageConfig, model_field, runtime_field
 from polyalign.stages.core.training import PeftSettings, TrainSettings
 
-VERSION = "3"
+VERSION = "4"  # 4: the score head is initialised from the training seed
 OUTPUTS = ("metrics.json", "model/adapter_config.json|model/config.json")  # in every artifact of this stage
 INPUTS = {"pairs": "chosen/rejected pairs (preferences)", "policy": "the SFT adapter (sft)"}
 
@@ -90,6 +90,11 @@ def run(cfg: Config, inputs: Inputs, out: ArtifactWriter) -> None:
         )
     data = streamed_dataset([str(work / "train.jsonl")], "reward", work / "dataset_cache")
     sft_adapter = sft_model(inputs["policy"], stage="reward_model")
+    from transformers import set_seed
+
+    # the score head starts random when the classifier is built: seeded, so that it does not
+    # depend on what this process ran before (a resumed run must equal an uninterrupted one)
+    set_seed(cfg.train.seed)
     model = load_causal_lm(path, [sft_adapter], inputs.model_dtype(cfg.model), num_labels=1)
     peft = peft_config(cfg.lora, "SEQ_CLS", model, "reward_model.lora.target_modules")
     if cfg.trainable_layers:
