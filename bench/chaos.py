@@ -8,9 +8,10 @@ rerun after each kill, and compare every artifact with an uninterrupted run.
    and the start-up time before the first stage.
 2. Chaos, in rounds: a fresh store; `polyalign run` in its own process group, killed inside a
    chosen stage so that the kills spread over every stage: the target is the next stage in turn
-   among those not yet cached; once the run works on it (its work folder exists and every stage
-   before it is cached), the kill comes after a seeded uniform share of the stage's reference
-   window. The stage that was not yet cached at the kill is the one counted. After each kill the run starts again; once a run finishes
+   among those not yet cached and killed fewer than twice in this round; once the run works on
+   it (its flow has begun, every stage before it is cached, its work folder exists), the kill
+   comes after a seeded uniform share of the stage's reference window. The stage that was not
+   yet cached at the kill is the one counted. After each kill the run starts again; once a run finishes
    the round's store is compared and the next round starts, until `--kills` kills.
 3. Comparison, per stage and round: the fingerprint, then
    - data files (`*.jsonl` and `*.json` outside `model/`, but not the run statistics: metrics,
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PER_STAGE = 2  # kills per stage per round; then the round's run goes through it (no stage is killed forever)
 sys.path.insert(0, str(ROOT))
 
 
@@ -176,25 +178,30 @@ def main() -> None:
         shutil.rmtree(store, ignore_errors=True)
         pipe = _pipeline(a.config, a.sets, store)
         log = work / f"round{rounds}.log"
+        round_kills = {s: 0 for s in order}
         while True:
             states = _states(pipe)
-            todo = [s for s in order if states[s] != "cached"]
+            todo = [s for s in order if states[s] != "cached" and round_kills[s] < PER_STAGE]
             if not todo or sum(kills.values()) >= a.kills:
                 break
             target = todo[turn % len(todo)]
             turn += 1
+            offset = log.stat().st_size if log.exists() else 0
             proc = _start(a.config, a.sets, store, log)
-            code, deadline, delay, begun = None, None, 0.0, time.monotonic()
+            code, deadline, delay, begun, flowing = None, None, 0.0, time.monotonic(), False
             while True:  # kill inside the target stage, whatever this machine's speed today
                 code = proc.poll()
                 if code is not None:
                     break
+                now = time.monotonic()
+                if not flowing:  # the flow has begun: cached stages pass in a moment, then the work resumes
+                    with log.open("rb") as f:
+                        f.seek(offset)
+                        flowing = b"Beginning flow run" in f.read()
                 fps = pipe.fingerprints()
                 current = next((s for s in order if pipe.store.state(s, fps[s]) != "cached"), None)
-                now = time.monotonic()
-                # armed once the stage works in this run: past the start-up, its work folder there
-                if deadline is None and current is not None and order.index(current) >= order.index(target) \
-                        and now - begun >= timeline["startup"] and pipe.store.partial_dir(current, fps[current]).exists():
+                if deadline is None and flowing and current is not None and order.index(current) >= order.index(target) \
+                        and pipe.store.partial_dir(current, fps[current]).exists():
                     deadline = now + rng.uniform(0.0, timeline["windows"][current])
                 if deadline is not None and now >= deadline:
                     delay = now - begun
@@ -210,6 +217,8 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills[at] += 1
+            if at in round_kills:
+                round_kills[at] += 1
             resumes += 1
             print(f"kill {sum(kills.values())}/{a.kills}: round {rounds}, after {delay:.1f} s, in {at}", flush=True)
         # run to the end and compare this round's store with the reference
@@ -232,6 +241,8 @@ def main() -> None:
               f"{len(bad)} | {diff:.3g} |")
         for m in bad[:5]:
             print(f"    {s}: {m}")
+    if kills["(finished)"]:
+        print(f"| (every stage cached, the run ending) | {kills['(finished)']} | | | | |")
     weights = [s for s in order if any(r[s]["weight_mismatch"] for r in results)]
     print(f"data mismatches: {mismatches}; stages whose weights differ by more than {a.weights_atol}: {', '.join(weights) or 'none'}")
     if a.json:
