@@ -131,12 +131,22 @@ def load_causal_lm(
 def _load_causal_lm(path: str, adapters: Sequence[str] | None, dtype: str, num_labels: int | None) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if num_labels is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **load_kwargs(path))
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch_dtype(dtype), num_labels=num_labels, **load_kwargs(path)
-        )
+    kwargs = load_kwargs(path)
+    try:
+        if num_labels is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch_dtype(dtype), num_labels=num_labels, **kwargs
+            )
+    except OSError as exc:
+        # a Hub repository with pickled weights only: say which setting loads it
+        if kwargs.get("use_safetensors") and "safetensors" in str(exc):
+            from polyalign.stages.core.errors import UserError
+
+            raise UserError(f"{path}: no safetensors weights to load; its pickled weights load only with "
+                            "allow_pickle: true in its models entry") from None
+        raise
         if model.config.pad_token_id is None:
             model.config.pad_token_id = load_tokenizer(path).pad_token_id
     for adapter in adapters or []:
