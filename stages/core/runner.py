@@ -183,7 +183,7 @@ def storage_faults(pipeline: Pipeline, what: str) -> Iterator[None]:
         if fault is None:
             raise
         code, filename = fault
-        where = f" writing {filename}" if filename else ""
+        where = f" on {filename}" if filename else ""
         raise StorageFault(
             f"{what}: {_DISK_ERRNOS[code]} ({errno.errorcode[code]}){where}, store {pipeline.store.location}; "
             "what finished is kept: fix the disk and rerun to resume"

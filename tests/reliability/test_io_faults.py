@@ -61,7 +61,7 @@ def test_a_full_disk_while_writing_a_shard_stops_cleanly_and_the_rerun_resumes(
     code, _, err = run_cli(["stage", "translate", str(TINY), "--store", store])
     errors = _errors(err)
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
-    assert "the disk is full (ENOSPC) writing" in errors[0] and "/shards/" in errors[0] and "rerun to resume" in errors[0]
+    assert "the disk is full (ENOSPC) on" in errors[0] and "/shards/" in errors[0] and "rerun to resume" in errors[0]
     assert len(seen) == 3
     left = [p for p in Path(store).rglob("*.tmp-*")]
     assert not left, left  # no half-written temporary left behind
@@ -85,7 +85,7 @@ def test_an_io_error_while_writing_the_manifest_stops_cleanly_and_the_rerun_comm
     code, _, err = run_cli(["stage", "sft", str(TINY), "--store", store, "--set", "sft.train.max_steps=2"])
     errors = _errors(err)
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
-    assert "stage sft: the disk reported an I/O error (EIO) writing" in errors[0] and "manifest.json" in errors[0]
+    assert "stage sft: the disk reported an I/O error (EIO) on" in errors[0] and "manifest.json" in errors[0]
     monkeypatch.undo()
     code, _, err = run_cli(["stage", "sft", str(TINY), "--store", store, "--set", "sft.train.max_steps=2"])
     assert code == 0, err[-2000:]
