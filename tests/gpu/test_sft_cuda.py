@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from polyalign.stages.core.pipeline import load_pipeline
-from tests.conftest import TINY, copy_store
+from tests.conftest import copy_store
+from tests.integration.test_sft_methods import _base_path
+from tests.integration.test_sft_methods import _sft as sft_stage
 
 torch = pytest.importorskip("torch")
 
@@ -25,17 +26,7 @@ def upstream(tiny_translated, tmp_path_factory):
 
 
 def _sft(store: str, sets: list[str]):
-    from polyalign.stages.core.runner import run_stage
-
-    pipe = load_pipeline(TINY, ["sft.train.max_steps=6", *sets], store=store)
-    art, _ = run_stage(pipe, "sft")
-    return pipe, art
-
-
-def _base_path(pipe) -> str:
-    from polyalign.stages.core.runner import stage_inputs
-
-    return stage_inputs(pipe, "sft").model(pipe.nodes["sft"].config.model)
+    return sft_stage(store, ["sft.train.max_steps=6", *sets])
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "qlora", "lisa", "prompt_tuning"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
     finally:
         sys.argv = old
     return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(err: str) -> list[str]:
+    """The `error:` lines of stderr (progress bars end their lines with carriage returns)."""
+    return [line for line in re.split(r"[\r\n]+", err) if line.startswith("error: ")]
 
 
 @dataclass

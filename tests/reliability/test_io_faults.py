@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import subprocess
 import threading
 from pathlib import Path
@@ -17,14 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, copy_store
-from tests.reliability.test_bad_input import run_cli
+from tests.reliability.test_bad_input import error_lines, run_cli
 
 pytestmark = pytest.mark.reliability
-
-
-def _errors(err: str) -> list[str]:
-    """The `error:` lines of stderr (progress bars end their lines with carriage returns)."""
-    return [line for line in re.split(r"[\r\n]+", err) if line.startswith("error: ")]
 
 
 def _records(store: str, stage: str, sets: list[str]) -> list[str]:
@@ -59,7 +53,7 @@ def test_a_full_disk_while_writing_a_shard_stops_cleanly_and_the_rerun_resumes(
     store = copy_store(tiny_translated, tmp_path / "store", stages=("self_instruct",))
     seen = _fail_nth(monkeypatch, 3, errno.ENOSPC, "/shards/")
     code, _, err = run_cli(["stage", "translate", str(TINY), "--store", store])
-    errors = _errors(err)
+    errors = error_lines(err)
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
     assert "the disk is full (ENOSPC) on" in errors[0] and "/shards/" in errors[0] and "rerun to resume" in errors[0]
     assert len(seen) == 3
@@ -83,7 +77,7 @@ def test_an_io_error_while_writing_the_manifest_stops_cleanly_and_the_rerun_comm
     store = copy_store(tiny_translated, tmp_path / "store")
     _fail_nth(monkeypatch, 1, errno.EIO, "manifest.json")
     code, _, err = run_cli(["stage", "sft", str(TINY), "--store", store, "--set", "sft.train.max_steps=2"])
-    errors = _errors(err)
+    errors = error_lines(err)
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
     assert "stage sft: the disk reported an I/O error (EIO) on" in errors[0] and "manifest.json" in errors[0]
     monkeypatch.undo()
@@ -139,7 +133,7 @@ def test_a_disk_that_fills_up_during_training_stops_at_a_checkpoint_and_the_reru
     finally:
         stop.set()
         thread.join(5)
-    errors = _errors(err)
+    errors = error_lines(err)
     assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-3000:]
     assert "stage sft: the disk is full (ENOSPC)" in errors[0], errors[0]
     filler.unlink()

@@ -7,14 +7,13 @@ are in the slow tier."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY, copy_store
-from tests.reliability.test_bad_input import run_cli
+from tests.reliability.test_bad_input import error_lines, run_cli
 
 pytestmark = pytest.mark.reliability
 
@@ -86,7 +85,7 @@ def tampered(request, tiny_translated, tmp_path, models_dir):
 
 
 def _one_error(code: int, err: str) -> str:
-    lines = [line for line in re.split(r"[\r\n]+", err) if line.startswith("error: ")]
+    lines = error_lines(err)
     assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err[-2000:])
     return lines[0]
 
