@@ -9,7 +9,10 @@ generated alone from its `seed`, so the same request always gets the same reply.
 Faults (`fault_rate`, drawn from a seeded stream, one draw per request): 429 with
 Retry-After, 500, 503, a reply slower than the client's timeout, a dropped connection,
 malformed JSON, an empty `choices`. `truncate_rate` cuts replies as if the token budget
-ran out (finish_reason "length"). Every request is logged with its `X-Request-Key` header,
+ran out (finish_reason "length"). `Faults.pick(key, body)`, when set, decides the fault of
+each request instead of the draw (a kind, or None for a healthy reply); it may also name the
+kinds no draw makes: a choice without text, an HTML page with status 200 (what a proxy in
+front of a server may send), and the refusals 400, 401, 403 and 404. Every request is logged with its `X-Request-Key` header,
 what the server did with it and the text it replied.
 
 `script(key, body, chat)`, when set, may answer a request in place of the model (a str, or
@@ -34,6 +37,8 @@ from collections.abc import Callable
 from typing import Any
 
 FAULTS = ("429", "500", "503", "slow", "drop", "malformed", "empty")
+MORE_FAULTS = ("no_text", "html")  # retried by the client, as FAULTS are
+REFUSALS = ("400", "401", "403", "404")  # no retry can fix them
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Faults:
     slow_seconds: float = 3.0
     retry_after: str = "1"
     seed: int = 0
+    pick: Callable[[str, dict[str, Any]], str | None] | None = None
 
 
 @dataclass
@@ -74,7 +80,7 @@ class ModelServer:
         self._worker = threading.Thread(target=self._work, daemon=True)
         self._worker.start()
         server = self
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(server))
+        self.httpd = _QuietServer(("127.0.0.1", port), _handler(server))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -92,7 +98,9 @@ class ModelServer:
         with self._log_lock:
             self.log.append({"t": time.time(), **entry})
 
-    def draw_fault(self) -> str | None:
+    def draw_fault(self, key: str = "", body: dict[str, Any] | None = None) -> str | None:
+        if self.faults.pick is not None:
+            return self.faults.pick(key, body or {})
         with self._log_lock:
             roll, kind, cut = self._rng.random(), self._rng.choice(self.faults.kinds), self._rng.random()
         if roll < self.faults.rate:
@@ -187,6 +195,18 @@ class ModelServer:
         return {"tokens": tokens, "text_offset": offsets, "token_logprobs": values, "top_logprobs": tops, "n_prompt": len(ids)}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that gives up (a timeout, or a call cancelled at the first refusal) closes its
+    connections: that is no error of the server's, and it prints nothing (the tests run the
+    command line in this process and read its stderr)."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 def _handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -212,19 +232,40 @@ def _handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
             key = self.headers.get("X-Request-Key", "")
+            if len(raw) < length:  # the client cancelled the request while sending it
+                server.record(key=key, outcome="client_gone")
+                self.close_connection = True
+                return
+            body = json.loads(raw or b"{}")
             chat = self.path.rstrip("/") == "/v1/chat/completions"
             if not chat and self.path.rstrip("/") != "/v1/completions":
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
             if body.get("model") != server.name:
-                server.record(key=key, outcome="404")
+                server.record(key=key, outcome="unknown_model", model=body.get("model"))
                 self._send(404, {"error": {"message": f"model {body.get('model')!r} does not exist", "type": "NotFoundError"}})
                 return
             auth = self.headers.get("Authorization", "")
-            fault = server.draw_fault()
+            fault = server.draw_fault(key, body)
             server.record(key=key, outcome=fault or "accepted", auth=auth)
+            if fault in REFUSALS:
+                self._send(int(fault), {"error": {"message": f"refused ({fault})", "type": "invalid_request_error"}})
+                return
+            if fault == "html":
+                page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return
+            if fault == "no_text":
+                self._send(200, {"id": "x", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                                 "model": server.name, "choices": [{"index": 0, "finish_reason": "stop", "text": None,
+                                                                    "message": {"role": "assistant", "content": None}}]})
+                return
             if fault == "429":
                 self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": server.faults.retry_after})
                 return

@@ -1,6 +1,6 @@
-"""configs/tiny-api.yaml end to end against a real local OpenAI-compatible server (the tiny
-teacher served through transformers, tests/openai_server.py): faults injected into 30% of
-requests lose and duplicate nothing, a kill -9 never makes the server answer twice what had
+"""configs/tiny-api.yaml against a real local OpenAI-compatible server (the tiny teacher served
+through transformers, tests/openai_server.py): the whole DAG over HTTP (slow tier; the default
+tier runs up to preferences), faults injected into 30% of requests lose and duplicate nothing, a kill -9 never makes the server answer twice what had
 arrived, a canary API key reaches the server and nothing else, and bad backend settings stop
 the run with one line before any stage starts."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from polyalign.stages.core.model_specs import ModelSpec, TinySpec, models_dir
 from polyalign.stages.core.pipeline import load_pipeline
 from polyalign.stages.core.prepare import ensure_model
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, copy_store
 from tests.integration.test_resume import _kill_when
 from tests.openai_server import Faults, ModelServer
 
@@ -36,11 +37,7 @@ def server():
 
 @pytest.fixture()
 def env(tmp_path):
-    e = dict(os.environ)
-    e["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    e["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
-    e["POLYALIGN_TEST_KEY"] = CANARY
-    return e
+    return _env(tmp_path / "prefect-home")
 
 
 def _sets(server: ModelServer, *more: str) -> list[str]:
@@ -54,21 +51,37 @@ def _ids(art, pattern: str) -> list[str]:
     return sorted(r["id"] for r in art.records(pattern))
 
 
-def test_whole_dag_over_http_and_faults_lose_nothing_and_the_key_stays_secret(server, env, tmp_path):
-    clean, faulty = str(tmp_path / "clean"), str(tmp_path / "faulty")
+def _env(home: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PREFECT_HOME"] = str(home)
+    e["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    e["POLYALIGN_TEST_KEY"] = CANARY
+    return e
+
+
+@pytest.fixture(scope="module")
+def clean(server, tmp_path_factory):
+    """A run up to preferences on a healthy server (read-only: copy it before running more):
+    (store, its Prefect home, the run's process)."""
+    root = tmp_path_factory.mktemp("api-clean")
+    store = root / "store"
     server.faults.rate = 0.0
-    first = cli("run", str(API), "--store", clean, *_sets(server), env=env)  # the whole DAG
-    assert first.returncode == 0, first.stderr[-3000:]
-    whole = load_pipeline(API, _sets(server)[1::2], store=clean, check_models=False)
-    ev = whole.store.open("evaluate", whole.fingerprints()["evaluate"])
-    for lang in ("fr", "de"):  # evaluate's judge (the teacher) rated through the server
-        models = ev.read_json(f"results/{lang}.json")["responses"]["models"]
-        assert all(1 <= models[v]["judge_rating"] <= 5 for v in ("base", "sft", "aligned")), models
-    again = cli("run", str(API), "--store", clean, *_sets(server), env=env)  # nothing left to do
-    assert again.returncode == 0, again.stderr[-3000:]
-    for stage in whole.order:
-        assert f"[{stage}: Cached]" in again.stdout, stage
-    assert "Finished in state Cached" in again.stderr + again.stdout
+    proc = cli("run", str(API), "--until", "preferences", "--store", str(store), *_sets(server), env=_env(root / "prefect-home"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store, root / "prefect-home", proc
+
+
+def _no_canary(places: list[Path], procs: list[subprocess.CompletedProcess]) -> None:
+    for root in places:
+        for f in root.rglob("*"):
+            if f.is_file():
+                assert CANARY.encode() not in f.read_bytes(), f
+    for proc in procs:
+        assert CANARY not in proc.stdout + proc.stderr
+
+
+def test_faults_lose_nothing_and_the_key_stays_secret(server, clean, env, tmp_path):
+    faulty = str(tmp_path / "faulty")
     server.faults.rate = 0.3
     start = len(server.log)
     second = cli("run", str(API), "--until", "preferences", "--store", faulty, *_sets(server), env=env)
@@ -80,7 +93,7 @@ def test_whole_dag_over_http_and_faults_lose_nothing_and_the_key_stays_secret(se
     assert len(injected) / len(accepted) > 0.2  # the faults were really there
     assert {e["outcome"] for e in injected} >= {"429", "500", "503", "drop", "malformed", "empty"}
 
-    pipes = {s: load_pipeline(API, _sets(server)[1::2], store=s, check_models=False) for s in (clean, faulty)}
+    pipes = {s: load_pipeline(API, _sets(server)[1::2], store=str(s), check_models=False) for s in (clean[0], faulty)}
     for stage, patterns in {
         "self_instruct": ("data/*.jsonl", "quarantine/*.jsonl"),
         "translate": ("data/*/*.jsonl", "quarantine/*/*.jsonl"),
@@ -89,7 +102,7 @@ def test_whole_dag_over_http_and_faults_lose_nothing_and_the_key_stays_secret(se
         arts = {s: p.store.open(stage, p.fingerprints()[stage]) for s, p in pipes.items()}
         for pattern in patterns:
             ids = _ids(arts[faulty], pattern)
-            assert ids == _ids(arts[clean], pattern), (stage, pattern)
+            assert ids == _ids(arts[clean[0]], pattern), (stage, pattern)
             assert len(ids) == len(set(ids)), (stage, pattern)
     tr = pipes[faulty].store.open("translate", pipes[faulty].fingerprints()["translate"])
     si = pipes[faulty].store.open("self_instruct", pipes[faulty].fingerprints()["self_instruct"])
@@ -100,13 +113,27 @@ def test_whole_dag_over_http_and_faults_lose_nothing_and_the_key_stays_secret(se
 
     # the canary key went to the server and nowhere else
     assert any(e.get("auth") == f"Bearer {CANARY}" for e in log)
-    places = [Path(clean), Path(faulty), Path(env["PREFECT_HOME"])]
-    for root in places:
-        for f in root.rglob("*"):
-            if f.is_file():
-                assert CANARY.encode() not in f.read_bytes(), f
-    for proc in (first, again, second):
-        assert CANARY not in proc.stdout + proc.stderr
+    _no_canary([clean[0], clean[1], Path(faulty), Path(env["PREFECT_HOME"])], [clean[2], second])
+
+
+@pytest.mark.slow
+def test_whole_dag_over_http_then_every_stage_is_cached(server, clean, env, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(clean[0], store)
+    server.faults.rate = 0.0
+    first = cli("run", str(API), "--store", str(store), *_sets(server), env=env)  # the stages after preferences
+    assert first.returncode == 0, first.stderr[-3000:]
+    whole = load_pipeline(API, _sets(server)[1::2], store=str(store), check_models=False)
+    ev = whole.store.open("evaluate", whole.fingerprints()["evaluate"])
+    for lang in ("fr", "de"):  # evaluate's judge (the teacher) rated through the server
+        models = ev.read_json(f"results/{lang}.json")["responses"]["models"]
+        assert all(1 <= models[v]["judge_rating"] <= 5 for v in ("base", "sft", "aligned")), models
+    again = cli("run", str(API), "--store", str(store), *_sets(server), env=env)  # nothing left to do
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in whole.order:
+        assert f"[{stage}: Cached]" in again.stdout, stage
+    assert "Finished in state Cached" in again.stderr + again.stdout
+    _no_canary([store, Path(env["PREFECT_HOME"])], [first, again])
 
 
 def test_kill_mid_translate_never_asks_again_for_a_reply_it_has(server, env, tmp_path):
@@ -196,18 +223,19 @@ def _hosted_judge(key: str, body: dict, chat: bool) -> str | None:
     return "Ranking: " + " > ".join(" = ".join(k for k, t in blocks.items() if len(t) == n) for n in lengths)
 
 
-def test_ranking_judge_through_english_maps_rankings_back_and_quarantines_what_never_parses(server, env, tmp_path):
+def test_ranking_judge_through_english_maps_rankings_back_and_quarantines_what_never_parses(server, clean, env, tmp_path):
     """Okapi's judge over an API: responses are translated into English, shown in a seeded
     shuffled order, and the reply's ranking is mapped back to the responses; an unparseable
     reply is asked again, then the prompt is quarantined with the reply."""
     import zlib
 
     store = str(tmp_path / "store")
+    copy_store(clean[0], Path(store), ("self_instruct", "translate", "sft"))  # only preferences differs
     sets = _sets(server, "stages.preferences.judge_method=ranking", "stages.preferences.judge_in_english=true")
     server.script = _hosted_judge
     start = len(server.log)
     try:
-        proc = cli("run", str(API), "--until", "preferences", "--store", store, *sets, env=env)
+        proc = cli("stage", "preferences", str(API), "--store", store, *sets, env=env)
     finally:
         server.script = None
     assert proc.returncode == 0, proc.stderr[-3000:]
