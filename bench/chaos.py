@@ -7,12 +7,18 @@ rerun after each kill, and compare every artifact with an uninterrupted run.
    store while it runs and keeps each stage's window (its work folder appears -> it is cached)
    and the start-up time before the first stage.
 2. Chaos, in rounds: a fresh store; `polyalign run` in its own process group, killed inside a
-   chosen stage so that the kills spread over every stage: the target is the next stage in turn
-   among those not yet cached and killed fewer than twice in this round; once the run works on
-   it (its flow has begun, every stage before it is cached, its work folder exists), the kill
-   comes after a seeded uniform share of the stage's reference window. The stage that was not
-   yet cached at the kill is the one counted. After each kill the run starts again; once a run finishes
-   the round's store is compared and the next round starts, until `--kills` kills.
+   chosen stage so that the kills spread evenly over the stages: the target is, among the
+   stages not yet cached in this round and killed fewer than twice in it, the one with the
+   fewest kills so far (the earliest on a tie). When that one has more kills than the stage
+   with the fewest (an earlier stage, already cached in this round), the round's run goes on
+   to the end and a fresh round starts, so no stage collects kills just because rounds end
+   with it. Once the run works on the target (its flow has begun, every stage before it is
+   cached, its work folder exists), the kill comes after a seeded uniform share of the time
+   the stage had left in the reference run (the whole window on a fresh start, the window less
+   the time already spent in it on a resumed one). The stage that was not yet cached at the
+   kill is the one counted. After each kill the run starts again; once a run finishes the
+   round's store is compared and the next round starts, until `--kills` kills. `--stages`
+   limits the targets (for a long config: the training stages, say).
 3. Comparison, per stage and round: the fingerprint, then
    - data files (`*.jsonl` and `*.json` outside `model/`, but not the run statistics: metrics,
      the training log and marker, the units' timings): record ids and counts, and the sha256
@@ -84,8 +90,9 @@ def reference(config: str, sets: list[str], store: str, log: Path) -> dict:
     total = time.monotonic() - start
     first = min(began.values(), default=0.0)
     windows = {}
-    for s in pipe.order:  # a stage's window: from the end of the one before it to its own end
-        windows[s] = max(0.05, ended.get(s, total) - max([first] + [ended[p] for p in pipe.order[: pipe.order.index(s)] if p in ended]))
+    for s in pipe.order:  # a stage's window: from its work folder's appearance (the kill is armed) to its end
+        before = max([first] + [ended[p] for p in pipe.order[: pipe.order.index(s)] if p in ended])
+        windows[s] = max(0.05, ended.get(s, total) - max(began.get(s, before), before))
     return {"startup": first, "windows": windows, "total": total}
 
 
@@ -155,6 +162,7 @@ def main() -> None:
     ap.add_argument("--work", help="Folder for the stores and logs (default: a temporary one, removed).")
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--weights-atol", type=float, default=1e-5)
+    ap.add_argument("--stages", help="Comma-separated stages to kill in (default: every stage).")
     ap.add_argument("--json")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -167,11 +175,14 @@ def main() -> None:
     print(f"chaos: reference took {timeline['total']:.0f} s (start-up {timeline['startup']:.1f} s); windows "
           + ", ".join(f"{s} {w:.1f}" for s, w in timeline["windows"].items()), flush=True)
 
+    targets = order if not a.stages else [s for s in order if s in a.stages.split(",")]
+    if not targets or (a.stages and len(targets) != len(a.stages.split(","))):
+        sys.exit(f"chaos: --stages {a.stages}: the stages are {', '.join(order)}")
     kills = {s: 0 for s in order}
     kills["(finished)"] = 0
     resumes = finished_early = rounds = 0
     results = []
-    turn = 0
+    spent: dict[str, float] = {}  # seconds a round's runs have spent in each stage so far
     while sum(kills.values()) < a.kills:
         rounds += 1
         store = str(work / f"round{rounds}")
@@ -179,16 +190,19 @@ def main() -> None:
         pipe = _pipeline(a.config, a.sets, store)
         log = work / f"round{rounds}.log"
         round_kills = {s: 0 for s in order}
+        spent = {s: 0.0 for s in order}
         while True:
             states = _states(pipe)
-            todo = [s for s in order if states[s] != "cached" and round_kills[s] < PER_STAGE]
+            todo = [s for s in targets if states[s] != "cached" and round_kills[s] < PER_STAGE]
             if not todo or sum(kills.values()) >= a.kills:
                 break
-            target = todo[turn % len(todo)]
-            turn += 1
+            target = min(todo, key=lambda s: (kills[s], order.index(s)))
+            if kills[target] > min(kills[s] for s in targets):
+                break  # a stage behind it is cached in this round: a fresh round reaches it
             offset = log.stat().st_size if log.exists() else 0
             proc = _start(a.config, a.sets, store, log)
             code, deadline, delay, begun, flowing = None, None, 0.0, time.monotonic(), False
+            entered: tuple[str, float] | None = None  # the stage this run is working on, and since when
             while True:  # kill inside the target stage, whatever this machine's speed today
                 code = proc.poll()
                 if code is not None:
@@ -200,9 +214,14 @@ def main() -> None:
                         flowing = b"Beginning flow run" in f.read()
                 fps = pipe.fingerprints()
                 current = next((s for s in order if pipe.store.state(s, fps[s]) != "cached"), None)
-                if deadline is None and flowing and current is not None and order.index(current) >= order.index(target) \
-                        and pipe.store.partial_dir(current, fps[current]).exists():
-                    deadline = now + rng.uniform(0.0, timeline["windows"][current])
+                working = flowing and current is not None and pipe.store.partial_dir(current, fps[current]).exists()
+                if working and (entered is None or entered[0] != current):
+                    if entered is not None:
+                        spent[entered[0]] += now - entered[1]
+                    entered = (current, now)
+                if deadline is None and working and order.index(current) >= order.index(target):
+                    left = max(timeline["windows"][current] - spent[current], 0.2 * timeline["windows"][current])
+                    deadline = now + rng.uniform(0.0, left)
                 if deadline is not None and now >= deadline:
                     delay = now - begun
                     break
@@ -216,6 +235,8 @@ def main() -> None:
             at = next((s for s in order if pipe.store.state(s, pipe.fingerprints()[s]) != "cached"), "(finished)")
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            if entered is not None:
+                spent[entered[0]] += time.monotonic() - entered[1]
             kills[at] += 1
             if at in round_kills:
                 round_kills[at] += 1

@@ -296,7 +296,7 @@ def _finish_locked(pipeline: Pipeline, stage: str) -> Artifact:
         "version": node.module.VERSION,
         "config": node.config.model_dump(mode="json"),
         "inputs": {k: pipeline.fingerprints()[v] for k, v in node.inputs.items()},
-        "models": pipeline.model_identities(node),
+        "models": dict(writer.models),  # with the permissions an entry granted (see _prepare)
         "summary": writer.summary,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "polyalign_version": _version(),

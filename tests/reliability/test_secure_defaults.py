@@ -123,3 +123,22 @@ def test_the_servers_polyalign_starts_listen_on_localhost():
     env = runner_environment({})
     assert env["PREFECT_RUNNER_SERVER_HOST"] == "127.0.0.1"
     assert runner_environment({"PREFECT_RUNNER_SERVER_HOST": "0.0.0.0"})["PREFECT_RUNNER_SERVER_HOST"] == "0.0.0.0"
+
+
+def test_the_card_and_manifest_say_which_permission_an_entry_granted(tiny_folder, tmp_path):
+    """An entry's opt-in is written beside the model in what the stage publishes; an entry
+    without one adds nothing."""
+    from polyalign.stages.core.pipeline import load_pipeline
+
+    for flag in ("", "allow_pickle: true"):
+        sets = ["--set", f"models.teacher={{path: {tiny_folder}{', ' + flag if flag else ''}}}", "--set", "self_instruct.num_instructions=4"]
+        store = tmp_path / (flag.split(":")[0] or "default")
+        code, _, err = run_cli(["stage", "self_instruct", str(TINY), "--store", str(store), *sets])
+        assert code == 0, err[-2000:]
+        pipe = load_pipeline(TINY, sets[1::2], store=str(store))
+        art = pipe.store.open("self_instruct", pipe.fingerprints()["self_instruct"])
+        card, teacher = art.read_bytes("README.md").decode(), art.manifest["models"]["teacher"]
+        if flag:
+            assert teacher.endswith(f"({flag})") and f"({flag})" in card, (teacher, card)
+        else:
+            assert "allow_pickle" not in teacher + card and "trust_remote_code" not in teacher + card
