@@ -11,9 +11,9 @@ Retry-After, 500, 503, a reply slower than the client's timeout, a dropped conne
 malformed JSON, an empty `choices`. `truncate_rate` cuts replies as if the token budget
 ran out (finish_reason "length"). `Faults.pick(key, body)`, when set, decides the fault of
 each request instead of the draw (a kind, or None for a healthy reply); it may also name the
-kinds no draw makes: a choice without text, an HTML page with status 200 (what a proxy in
-front of a server may send), and the refusals 400, 401, 403 and 404. Every request is logged with its `X-Request-Key` header,
-what the server did with it and the text it replied.
+kinds no draw makes: "no_text" (a choice without text), "html" (an HTML page with status
+200, as a proxy in front of a server may send) and the REFUSALS. Every request is logged with
+its `X-Request-Key` header, what the server did with it and the text it replied.
 
 `script(key, body, chat)`, when set, may answer a request in place of the model (a str, or
 a (str, finish_reason) pair) or leave it to the model (None): it stands for a strong hosted model's answers to prompts a tiny
@@ -37,7 +37,6 @@ from collections.abc import Callable
 from typing import Any
 
 FAULTS = ("429", "500", "503", "slow", "drop", "malformed", "empty")
-MORE_FAULTS = ("no_text", "html")  # retried by the client, as FAULTS are
 REFUSALS = ("400", "401", "403", "404")  # no retry can fix them
 
 

@@ -11,7 +11,9 @@ Three groups, all on the translate stage of configs/tiny-api.yaml (run in this p
   nothing committed, and a rerun completes;
 - content: a reply that arrives but cannot be kept (empty, cut by the token budget, the source
   echoed, a loop, far too long, in English, a masked span lost) quarantines its record with
-  the reason, and kept + quarantined = input."""
+  the reason, and kept + quarantined = input.
+One more case runs a failing request through `run` (a Prefect flow, where translate's
+languages are fan-out units): the unit's own line reaches the user, exit 2."""
 
 from __future__ import annotations
 
@@ -241,3 +243,19 @@ def test_a_reply_that_cannot_be_kept_quarantines_its_record_with_the_reason(serv
     assert CONTENT[marker][1] in rows[0]["reason"], (CONTENT[marker][0], rows[0]["reason"])
     good = {r["id"] for r in sources if not any(m in r["instruction"] for m in CONTENT)}
     assert {r["src_id"] for r in kept} == good  # the clean replies were all kept
+
+
+def test_through_run_the_failing_units_own_line_reaches_the_user_with_exit_2(server, english, key, tmp_path, prefect_harness):
+    """In a Prefect flow the failing request is inside a fan-out unit (translate[fr]): `run`
+    prints that unit's line, not the flow's summary of failed units, and exits 2."""
+    store = tmp_path / "store"
+    shutil.copytree(english, store)
+    server.faults.pick = lambda k, body: "500" if "volcanic" in _source(body) else None
+    try:
+        code, out, err = run_cli(_args(server, "run", store) + ["--until", "translate"])
+    finally:
+        server.faults.pick = None
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err[-3000:])
+    assert "models.teacher: 1 of " in lines[0] and ": http_500: " in lines[0] and "run again" in lines[0], lines[0]
+    assert CANARY not in out + err
