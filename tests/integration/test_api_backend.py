@@ -1,8 +1,9 @@
 """configs/tiny-api.yaml against a real local OpenAI-compatible server (the tiny teacher served
 through transformers, tests/openai_server.py): the whole DAG over HTTP (slow tier; the default
-tier runs up to preferences), faults injected into 30% of requests lose and duplicate nothing, a kill -9 never makes the server answer twice what had
-arrived, a canary API key reaches the server and nothing else, and bad backend settings stop
-the run with one line before any stage starts."""
+tier runs up to preferences), faults injected into 30% of requests lose and duplicate
+nothing, a kill -9 never makes the server answer twice what had arrived, a canary API key
+reaches the server and nothing else, and bad backend settings stop the run with one line
+before any stage starts."""
 
 from __future__ import annotations
 
