@@ -170,19 +170,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ref_store = str(work / "reference")
     print(f"chaos: reference run into {ref_store}", flush=True)
-    timeline = reference(a.config, a.sets, ref_store, work / "reference.log")
     order = _pipeline(a.config, a.sets, ref_store).order
-    print(f"chaos: reference took {timeline['total']:.0f} s (start-up {timeline['startup']:.1f} s); windows "
-          + ", ".join(f"{s} {w:.1f}" for s, w in timeline["windows"].items()), flush=True)
-
     targets = order if not a.stages else [s for s in order if s in a.stages.split(",")]
     if not targets or (a.stages and len(targets) != len(a.stages.split(","))):
         sys.exit(f"chaos: --stages {a.stages}: the stages are {', '.join(order)}")
+    timeline = reference(a.config, a.sets, ref_store, work / "reference.log")
+    print(f"chaos: reference took {timeline['total']:.0f} s (start-up {timeline['startup']:.1f} s); windows "
+          + ", ".join(f"{s} {w:.1f}" for s, w in timeline["windows"].items()), flush=True)
+
     kills = {s: 0 for s in order}
     kills["(finished)"] = 0
     resumes = finished_early = rounds = 0
     results = []
-    spent: dict[str, float] = {}  # seconds a round's runs have spent in each stage so far
     while sum(kills.values()) < a.kills:
         rounds += 1
         store = str(work / f"round{rounds}")
@@ -190,7 +189,7 @@ def main() -> None:
         pipe = _pipeline(a.config, a.sets, store)
         log = work / f"round{rounds}.log"
         round_kills = {s: 0 for s in order}
-        spent = {s: 0.0 for s in order}
+        spent = {s: 0.0 for s in order}  # seconds this round's runs have spent in each stage so far
         while True:
             states = _states(pipe)
             todo = [s for s in targets if states[s] != "cached" and round_kills[s] < PER_STAGE]

@@ -113,14 +113,16 @@ def server():
     srv.stop()
 
 
+def _sets(server: ModelServer) -> list[str]:
+    return [*SETS, f"models.teacher.openai.base_url={server.base_url}"]
+
+
 def _args(server: ModelServer, command: str, store: Path) -> list[str]:
-    sets = [*SETS, f"models.teacher.openai.base_url={server.base_url}"]
-    return [*command.split(), str(API), "--store", str(store), *[x for s in sets for x in ("--set", s)]]
+    return [*command.split(), str(API), "--store", str(store), *[x for s in _sets(server) for x in ("--set", s)]]
 
 
 def _pipe(server: ModelServer, store: Path):  # noqa: ANN202
-    sets = [*SETS, f"models.teacher.openai.base_url={server.base_url}"]
-    return load_pipeline(API, sets, store=str(store), check_models=False)
+    return load_pipeline(API, _sets(server), store=str(store), check_models=False)
 
 
 def _records(server: ModelServer, store: Path) -> dict[str, list[dict]]:
